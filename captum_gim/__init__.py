@@ -1,0 +1,26 @@
+"""captum_gim: GIM (Gradient Interaction Modifications) attributions as a Captum backend.
+
+The public API:
+
+- :class:`GIMAttribution`: attributions to input embeddings.
+- :class:`LayerGIM`: attributions to a layer (e.g. the token embeddings).
+- :func:`gim_rules`: the GIM backward rules for any Captum gradient method.
+- :class:`GIMConfig`: the seven settings of the rules.
+"""
+
+from captum_gim.architectures import UnsupportedModuleError
+from captum_gim.attribution import GIMAttribution
+from captum_gim.config import GIMConfig
+from captum_gim.layer_attribution import LayerGIM
+from captum_gim.rules import gim_rules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GIMAttribution",
+    "GIMConfig",
+    "LayerGIM",
+    "UnsupportedModuleError",
+    "gim_rules",
+    "__version__",
+]

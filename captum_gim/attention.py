@@ -1,0 +1,360 @@
+"""Rules 1 and 3 inside attention, routed through transformers' AttentionInterface.
+
+During :func:`captum_gim.gim_rules`, each attention module of the model gets, for
+that call only, a shallow copy of its config whose attention implementation is
+``"captum_gim"``. The model's own config is untouched, so the masks are built
+exactly as the loaded implementation (eager or sdpa) expects, and other models,
+also of the same class, keep their exact gradients. The function registered as
+``"captum_gim"`` scales the q/k/v gradients and computes the attention:
+
+- for models loaded with ``sdpa``, the forward is transformers' own sdpa call and
+  the tempered softmax backward is computed from recomputed scores, one block of
+  queries at a time, so no tokens x tokens probability matrix is kept;
+- for models loaded with ``eager`` (or with attention dropout active), the scores
+  and probabilities are materialised as eager attention does, and the softmax
+  gets the tempered backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+from captum_gim.config import GIMConfig
+from captum_gim.functional import (
+    scale_gradient,
+    tempered_softmax,
+    tempered_softmax_backward,
+)
+
+GIM_ATTENTION = "captum_gim"
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+# Largest number of float32 score entries (batch x heads x query block x keys)
+# that the blockwise backward materialises at once.
+BACKWARD_BLOCK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class _AttentionSite:
+    config: GIMConfig
+    implementation: str
+    eager_function: Callable[..., tuple[Tensor, Tensor | None]] | None
+
+
+_sites: weakref.WeakKeyDictionary[nn.Module, _AttentionSite] = (
+    weakref.WeakKeyDictionary()
+)
+_sites_lock = threading.Lock()
+
+
+def attention_implementation(module: nn.Module) -> str | None:
+    r"""
+    Returns:
+        *str or None*: the attention implementation an attention module was
+        loaded with (``"eager"``, ``"sdpa"``, ...), read from its config.
+    """
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def route_attention(module: nn.Module, config: GIMConfig) -> Iterator[None]:
+    r"""
+    Routes one attention module through the GIM attention function for the
+    duration of the block, then restores its config object.
+
+    Args:
+        module (nn.Module): An attention module that calls
+                    ``ALL_ATTENTION_FUNCTIONS.get_interface``.
+        config (GIMConfig): The rule settings.
+    """
+    implementation = attention_implementation(module) or "eager"
+    own_config = module.config
+    routed_config = copy.copy(own_config)
+    routed_config._attn_implementation_internal = GIM_ATTENTION
+    site = _AttentionSite(config, implementation, _eager_function_of(module))
+    with _sites_lock:
+        _sites[module] = site
+    module.config = routed_config
+    try:
+        yield
+    finally:
+        module.config = own_config
+        with _sites_lock:
+            _sites.pop(module, None)
+
+
+def _eager_function_of(module: nn.Module) -> Callable[..., Any] | None:
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def gim_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    r"""
+    The attention function registered as ``"captum_gim"`` in transformers'
+    ``AttentionInterface``; it follows that interface's signature and is only
+    valid for modules routed by :func:`route_attention`.
+    """
+    site = _sites.get(module)
+    if site is None:
+        raise RuntimeError(
+            f"{type(module).__name__} uses attention implementation "
+            f"'{GIM_ATTENTION}' outside of captum_gim.gim_rules. Set the model's "
+            "attn_implementation to 'sdpa' or 'eager'."
+        )
+    config = site.config
+    query = scale_gradient(query, config.q_scale)
+    key = scale_gradient(key, config.k_scale)
+    value = scale_gradient(value, config.v_scale)
+    common = dict(dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
+    if not config.softmax_rule_on:
+        original = (
+            sdpa_attention_forward
+            if site.implementation == "sdpa"
+            else site.eager_function or eager_gim_attention
+        )
+        return original(module, query, key, value, attention_mask, **common)
+    temperature = float(config.temperature)  # type: ignore[arg-type]
+    fused_ok = dropout == 0.0 and softcap is None and kwargs.get("position_bias") is None
+    if site.implementation == "sdpa" and fused_ok:
+        is_causal = kwargs.pop("is_causal", None)
+        output = _BlockwiseTemperedAttention.apply(
+            query, key, value, attention_mask, module, scaling, is_causal,
+            temperature, kwargs,
+        )
+        return output, None
+    return eager_gim_attention(
+        module, query, key, value, attention_mask, temperature=temperature, **common
+    )
+
+
+def eager_gim_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    r"""
+    Attention with materialised probabilities, computed as transformers' eager
+    attention computes it, whose softmax has the tempered backward of rule 1.
+
+    Args:
+        module (nn.Module): The attention module (for ``training`` and
+                    ``is_causal``).
+        query (Tensor): ``batch x heads x queries x head_dim``.
+        key (Tensor): ``batch x kv_heads x keys x head_dim``.
+        value (Tensor): ``batch x kv_heads x keys x head_dim``.
+        attention_mask (Tensor or None): Additive float mask or boolean mask
+                    (True = attend), broadcastable to the scores.
+        dropout (float, optional): Attention dropout probability.
+        scaling (float or None, optional): Score scale; ``head_dim ** -0.5``
+                    when None.
+        softcap (float or None, optional): Gemma-2 style ``c * tanh(s / c)``.
+        temperature (float, optional): ``T`` of the softmax backward.
+
+    Returns:
+        *tuple[Tensor, Tensor]*: the output ``batch x queries x heads x dim`` and
+        the attention probabilities.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = _boolean_or_additive_mask(module, attention_mask, query, key, kwargs)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    probs = tempered_softmax(scores, temperature).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+def _boolean_or_additive_mask(
+    module: nn.Module,
+    attention_mask: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    kwargs: dict[str, Any],
+) -> Tensor | None:
+    """The mask as given, or the causal mask sdpa would imply when it is None."""
+    if attention_mask is not None:
+        return attention_mask[..., : key.shape[-2]]
+    if _sdpa_is_causal(module, None, query, kwargs.get("is_causal")):
+        return _causal_mask(0, query.shape[-2], key.shape[-2], query.device)
+    return None
+
+
+def _sdpa_is_causal(
+    module: nn.Module, mask: Tensor | None, query: Tensor, is_causal: bool | None
+) -> bool:
+    """Mirrors when transformers' sdpa attention asks sdpa for a causal mask."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(query.shape[2] > 1 and mask is None and is_causal)
+
+
+def _causal_mask(first_row: int, rows: int, keys: int, device: torch.device) -> Tensor:
+    """Upper-left aligned causal mask (True = attend), as sdpa's ``is_causal``."""
+    row = torch.arange(first_row, first_row + rows, device=device)[:, None]
+    return row >= torch.arange(keys, device=device)[None, :]
+
+
+class _BlockwiseTemperedAttention(torch.autograd.Function):
+    """sdpa forward; rule 1 backward from scores recomputed per query block."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        module: nn.Module,
+        scaling: float | None,
+        is_causal: bool | None,
+        temperature: float,
+        kwargs: dict[str, Any],
+    ) -> Tensor:
+        output, _ = sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+        ctx.save_for_backward(query, key, value, attention_mask)
+        ctx.causal = _sdpa_is_causal(module, attention_mask, query, is_causal)
+        ctx.scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        ctx.temperature = temperature
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, value, mask = ctx.saved_tensors
+        grads = blockwise_attention_backward(
+            query,
+            key,
+            value,
+            mask,
+            grad_output.transpose(1, 2),
+            scaling=ctx.scaling,
+            causal=ctx.causal,
+            temperature=ctx.temperature,
+        )
+        return (*grads, None, None, None, None, None, None)
+
+
+def blockwise_attention_backward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    grad_output: Tensor,
+    *,
+    scaling: float,
+    causal: bool,
+    temperature: float,
+    block_elements: int = BACKWARD_BLOCK_ELEMENTS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""
+    Gradients of ``softmax(q k^T * scaling + mask) v`` with respect to ``q``,
+    ``k`` and ``v`` under rule 1, computed one block of queries at a time.
+
+    Args:
+        query (Tensor): ``batch x heads x queries x head_dim``.
+        key (Tensor): ``batch x kv_heads x keys x head_dim`` (grouped-query
+                    attention when ``kv_heads < heads``).
+        value (Tensor): ``batch x kv_heads x keys x value_dim``.
+        mask (Tensor or None): Boolean (True = attend) or additive mask,
+                    broadcastable to ``batch x heads x queries x keys``.
+        grad_output (Tensor): ``batch x heads x queries x value_dim``.
+        scaling (float): The score scale.
+        causal (bool): Apply sdpa's upper-left causal mask (only the first
+                    ``queries`` keys then take part, as in transformers).
+        temperature (float): ``T`` of the softmax backward.
+        block_elements (int, optional): Bound on the score entries held at once.
+
+    Returns:
+        *tuple[Tensor, Tensor, Tensor]*: gradients of query, key and value, in
+        their dtypes.
+    """
+    batch, heads, n_queries, _ = query.shape
+    n_rep = heads // key.shape[1]
+    n_keys = min(key.shape[2], n_queries) if causal else key.shape[2]
+    q = query.float()
+    k = repeat_kv(key[:, :, :n_keys].float(), n_rep)
+    v = repeat_kv(value[:, :, :n_keys].float(), n_rep)
+    grad_out = grad_output.float()
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros_like(k)
+    grad_v = torch.zeros_like(v)
+    rows_per_block = max(1, block_elements // max(1, batch * heads * n_keys))
+    for start in range(0, n_queries, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, n_queries))
+        q_block = q[:, :, rows]
+        scores = torch.matmul(q_block, k.transpose(2, 3)) * scaling
+        if mask is not None and mask.dtype == torch.bool:
+            scores.masked_fill_(~mask[..., rows, :n_keys], float("-inf"))
+        elif mask is not None:
+            scores += mask[..., rows, :n_keys].float()
+        if causal:
+            block_mask = _causal_mask(start, q_block.shape[2], n_keys, q.device)
+            scores.masked_fill_(~block_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+        grad_block = grad_out[:, :, rows]
+        grad_v += torch.matmul(probs.transpose(2, 3), grad_block)
+        grad_probs = torch.matmul(grad_block, v.transpose(2, 3))
+        grad_scores = tempered_softmax_backward(scores, grad_probs, temperature)
+        grad_q[:, :, rows] = torch.matmul(grad_scores, k) * scaling
+        grad_k += torch.matmul(grad_scores.transpose(2, 3), q_block) * scaling
+    grad_k = _sum_groups(grad_k, n_rep, key)
+    grad_v = _sum_groups(grad_v, n_rep, value)
+    return grad_q.to(query.dtype), grad_k, grad_v
+
+
+def _sum_groups(grad: Tensor, n_rep: int, like: Tensor) -> Tensor:
+    """Folds repeated kv heads back and pads the keys cut off by causality."""
+    batch, heads, n_keys, dim = grad.shape
+    grad = grad.view(batch, heads // n_rep, n_rep, n_keys, dim).sum(dim=2)
+    if n_keys < like.shape[2]:
+        grad = nn.functional.pad(grad, (0, 0, 0, like.shape[2] - n_keys))
+    return grad.to(like.dtype)
+
+
+AttentionInterface.register(GIM_ATTENTION, gim_attention_forward)

@@ -1,0 +1,208 @@
+"""GIMAttribution: (inputs - baselines) x the GIM gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_baseline,
+    _format_output,
+    _format_tensor_into_tuples,
+    _is_tuple,
+)
+from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
+from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_gim._checks import check_baselines, check_float_inputs, resolve_model
+from captum_gim.config import GIMConfig
+from captum_gim.rules import gim_rules
+
+
+class GIMAttribution(GradientAttribution):
+    r"""
+    GIM (Gradient Interaction Modifications; Edin et al., 2025,
+    https://arxiv.org/abs/2505.17630) attributes the output of a transformer
+    language model to its input embeddings at the cost of one gradient:
+
+        attribution = (inputs - baselines) * GIM gradient
+
+    The GIM gradient is the gradient of the target computed with three
+    backward rules that keep self-repair from hiding important components:
+    a temperature-adjusted softmax backward in attention, frozen normalization
+    statistics, and a gradient split at multiplicative interactions (q/k/v and
+    gated MLPs). The forward pass is unchanged. With every rule off
+    (:meth:`GIMConfig.all_rules_off`) this is exactly Captum's InputXGradient
+    on ``inputs - baselines``.
+
+    The rules are module hooks installed on ``model`` for one ``attribute``
+    call and always removed; the model is left exactly as it was.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        model: nn.Module | None = None,
+        *,
+        temperature: float | None = 2.0,
+        freeze_norm: bool = True,
+        q_scale: float = 0.25,
+        k_scale: float = 0.25,
+        v_scale: float = 0.5,
+        gate_scale: float = 0.5,
+        up_scale: float = 0.5,
+        multiply_by_inputs: bool = True,
+        config: GIMConfig | None = None,
+        strict: bool = True,
+    ) -> None:
+        r"""
+        Args:
+            forward_func (Callable): The forward function of the model or any
+                        modification of it, taking input embeddings (e.g. a
+                        wrapper calling ``model(inputs_embeds=...)`` and selecting
+                        a logit). It must run ``model``.
+            model (nn.Module, optional): The transformer that gets the GIM
+                        rules. When None, ``forward_func`` itself if it is an
+                        ``nn.Module`` (or a bound method of one).
+                        Default: None
+            temperature (float or None, optional): Temperature of the attention
+                        softmax backward; 1.0 or None switches the rule off.
+                        Default: 2.0
+            freeze_norm (bool, optional): Treat LayerNorm/RMSNorm statistics as
+                        constants in the backward pass.
+                        Default: True
+            q_scale (float, optional): Gradient scale of attention queries.
+                        Default: 0.25
+            k_scale (float, optional): Gradient scale of attention keys.
+                        Default: 0.25
+            v_scale (float, optional): Gradient scale of attention values.
+                        Default: 0.5
+            gate_scale (float, optional): Gradient scale of gated-MLP gates.
+                        Default: 0.5
+            up_scale (float, optional): Gradient scale of gated-MLP up branches.
+                        Default: 0.5
+            multiply_by_inputs (bool, optional): Multiply the GIM gradient by
+                        ``inputs - baselines`` (global attribution); with False
+                        the GIM gradient alone is returned (local attribution).
+                        Default: True
+            config (GIMConfig, optional): The seven settings as one object,
+                        instead of the keywords.
+                        Default: None
+            strict (bool, optional): Raise for parts of the model the rules
+                        cannot reach; with False they keep exact gradients and a
+                        warning names them.
+                        Default: True
+        """
+        GradientAttribution.__init__(self, forward_func)
+        self.model = resolve_model(forward_func, model)
+        self.config = GIMConfig.resolve(
+            config,
+            temperature=temperature,
+            freeze_norm=freeze_norm,
+            q_scale=q_scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            gate_scale=gate_scale,
+            up_scale=up_scale,
+        )
+        self.strict = strict
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: BaselineType = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+    ) -> TensorOrTupleOfTensorsGeneric:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): Input embeddings for which
+                        attributions are computed, usually
+                        ``batch x tokens x hidden``. If forward_func takes several
+                        tensors, a tuple of them. Dimension 0 is the batch.
+                        They must be floating point: for token ids, use
+                        :class:`LayerGIM` on the embedding layer.
+            baselines (scalar, Tensor, tuple of scalar or Tensor, optional):
+                        Reference inputs ``x'``, as in IntegratedGradients: a
+                        number, a tensor of the input's shape or of batch size 1,
+                        or a tuple of those for tuple inputs. None means zeros.
+                        Default: None
+            target (int, tuple, Tensor, or list, optional): Output indices for
+                        which gradients are computed, with Captum's usual
+                        conventions (a class index for every example, one per
+                        example, tuples for outputs with more dimensions, or None
+                        when forward_func returns one scalar per example).
+                        Default: None
+            additional_forward_args (Any, optional): Further arguments of
+                        forward_func after the inputs (e.g. the attention mask);
+                        not attributed.
+                        Default: None
+
+        Returns:
+            *Tensor* or *tuple[Tensor, ...]* of **attributions**:
+            - **attributions** (*Tensor* or *tuple[Tensor, ...]*):
+                        ``(inputs - baselines) * GIM gradient`` (or the GIM
+                        gradient alone if ``multiply_by_inputs`` is False), of the
+                        same shapes and form as ``inputs``. Sum over the hidden
+                        dimension for token scores.
+
+        Examples::
+
+            >>> import torch
+            >>> from transformers import LlamaConfig, LlamaForCausalLM
+            >>> from captum_gim import GIMAttribution
+            >>> model = LlamaForCausalLM(LlamaConfig(
+            ...     vocab_size=100, hidden_size=32, intermediate_size=64,
+            ...     num_hidden_layers=2, num_attention_heads=4)).eval()
+            >>> def last_logits(embeds):
+            ...     return model(inputs_embeds=embeds).logits[:, -1]
+            >>> gim = GIMAttribution(last_logits, model)
+            >>> embeds = model.get_input_embeddings()(torch.tensor([[1, 5, 7, 9]]))
+            >>> attributions = gim.attribute(embeds, target=42)
+            >>> token_scores = attributions.sum(-1)  # 1 x 4
+        """
+        is_inputs_tuple = _is_tuple(inputs)
+        inputs_tuple = _format_tensor_into_tuples(inputs)
+        check_float_inputs(inputs_tuple)
+        baselines_tuple = _format_baseline(baselines, inputs_tuple)
+        check_baselines(inputs_tuple, baselines_tuple)
+        additional_forward_args = _format_additional_forward_args(
+            additional_forward_args
+        )
+        gradient_mask = apply_gradient_requirements(inputs_tuple, warn=False)
+        try:
+            with gim_rules(self.model, config=self.config, strict=self.strict):
+                gradients = self.gradient_func(
+                    self.forward_func, inputs_tuple, target, additional_forward_args
+                )
+        finally:
+            undo_gradient_requirements(inputs_tuple, gradient_mask)
+        if self.multiplies_by_inputs:
+            attributions = tuple(
+                (tensor - baseline) * gradient
+                for tensor, baseline, gradient in zip(
+                    inputs_tuple, baselines_tuple, gradients
+                )
+            )
+        else:
+            attributions = tuple(gradients)
+        return cast(
+            TensorOrTupleOfTensorsGeneric,
+            _format_output(is_inputs_tuple, attributions),
+        )
+
+    def attribute_future(self) -> None:
+        r"""
+        This method is not implemented for GIMAttribution.
+        """
+        raise NotImplementedError("attribute_future is not implemented for GIMAttribution")
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs

@@ -1,0 +1,142 @@
+"""The seven settings of GIM, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GIMConfig:
+    r"""
+    Settings of the three GIM backward rules (see GIM_SPEC.md).
+
+    Every rule can be switched off on its own: ``temperature=1.0`` (or ``None``)
+    gives the exact attention-softmax gradient, ``freeze_norm=False`` the exact
+    normalization gradient, and a scale of ``1.0`` the exact gradient of that
+    factor of a multiplicative interaction.
+
+    Args:
+        temperature (float or None, optional): Temperature :math:`T` of the
+                    softmax backward rule: the gradient of the attention scores
+                    is computed with ``softmax(s / T)`` in place of the forward
+                    probabilities. ``None`` means ``1.0``. Must be finite and > 0.
+                    Default: 2.0
+        freeze_norm (bool, optional): Treat the statistic of every LayerNorm
+                    and RMSNorm as a constant in the backward pass.
+                    Default: True
+        q_scale (float, optional): Gradient scale of the attention queries.
+                    Default: 0.25
+        k_scale (float, optional): Gradient scale of the attention keys.
+                    Default: 0.25
+        v_scale (float, optional): Gradient scale of the attention values.
+                    Default: 0.5
+        gate_scale (float, optional): Gradient scale of the gate branch of
+                    gated MLPs (SwiGLU, GeGLU), after the gate projection.
+                    Default: 0.5
+        up_scale (float, optional): Gradient scale of the up branch of gated
+                    MLPs, after the up projection.
+                    Default: 0.5
+
+    Examples::
+
+        >>> from captum_gim import GIMConfig
+        >>> GIMConfig().temperature
+        2.0
+        >>> GIMConfig.all_rules_off().freeze_norm
+        False
+    """
+
+    temperature: float | None = 2.0
+    freeze_norm: bool = True
+    q_scale: float = 0.25
+    k_scale: float = 0.25
+    v_scale: float = 0.5
+    gate_scale: float = 0.5
+    up_scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            _check_real("temperature", self.temperature)
+            if not self.temperature > 0:
+                raise ValueError(
+                    f"temperature must be > 0, got {self.temperature}. Use 2.0 (the "
+                    "GIM default), or 1.0 / None to switch the softmax rule off."
+                )
+        if not isinstance(self.freeze_norm, bool):
+            raise TypeError(
+                f"freeze_norm must be True or False, got {self.freeze_norm!r}."
+            )
+        for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
+            _check_real(name, getattr(self, name))
+
+    @classmethod
+    def all_rules_off(cls) -> GIMConfig:
+        r"""
+        Returns:
+            *GIMConfig*: the settings under which GIM equals the plain gradient.
+        """
+        return cls(
+            temperature=None,
+            freeze_norm=False,
+            q_scale=1.0,
+            k_scale=1.0,
+            v_scale=1.0,
+            gate_scale=1.0,
+            up_scale=1.0,
+        )
+
+    @classmethod
+    def resolve(cls, config: GIMConfig | None, **settings: Any) -> GIMConfig:
+        r"""
+        Builds the settings of a class that takes both ``config=`` and the seven
+        keywords.
+
+        Args:
+            config (GIMConfig or None): Settings given as one object, or ``None``.
+            **settings: The seven keyword settings as the caller received them.
+
+        Returns:
+            *GIMConfig*: ``config`` when given (the keywords must then keep their
+            defaults), else the settings built from the keywords.
+        """
+        if config is None:
+            return cls(**settings)
+        if not isinstance(config, GIMConfig):
+            raise TypeError(f"config must be a GIMConfig, got {type(config).__name__}.")
+        defaults = asdict(cls())
+        changed = sorted(k for k, v in settings.items() if v != defaults[k])
+        if changed:
+            raise ValueError(
+                f"Both config= and the keyword setting(s) {changed} were given. Pass "
+                "either config=GIMConfig(...) or the keywords, e.g. "
+                "config=dataclasses.replace(config, temperature=3.0)."
+            )
+        return config
+
+    @property
+    def softmax_rule_on(self) -> bool:
+        r"""True when the attention softmax gets the tempered backward."""
+        return self.temperature is not None and self.temperature != 1.0
+
+    @property
+    def attention_rules_on(self) -> bool:
+        r"""True when any rule acts inside attention (softmax or q/k/v split)."""
+        return self.softmax_rule_on or (self.q_scale, self.k_scale, self.v_scale) != (
+            1.0,
+            1.0,
+            1.0,
+        )
+
+    @property
+    def mlp_rule_on(self) -> bool:
+        r"""True when the gated-MLP split changes any gradient."""
+        return (self.gate_scale, self.up_scale) != (1.0, 1.0)
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}.")

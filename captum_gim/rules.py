@@ -1,0 +1,234 @@
+"""``gim_rules``: the three GIM rules installed on one model for one block."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_gim.architectures import (
+    GatedLayout,
+    GatedMLPSite,
+    NormSite,
+    RuleSites,
+    find_rule_sites,
+)
+from captum_gim.attention import route_attention
+from captum_gim.config import GIMConfig
+from captum_gim.functional import frozen_layer_norm, frozen_rms_norm, scale_gradient
+
+_active_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_active_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def gim_rules(
+    model: nn.Module,
+    *,
+    temperature: float | None = 2.0,
+    freeze_norm: bool = True,
+    q_scale: float = 0.25,
+    k_scale: float = 0.25,
+    v_scale: float = 0.5,
+    gate_scale: float = 0.5,
+    up_scale: float = 0.5,
+    config: GIMConfig | None = None,
+    strict: bool = True,
+) -> Iterator[GIMConfig]:
+    r"""
+    Applies the GIM backward rules to every forward pass through ``model``
+    inside the block, so that any gradient-based Captum method (Saliency,
+    IntegratedGradients, GradientShap, LayerIntegratedGradients, ...) computes
+    GIM gradients. The rules are module-level hooks on ``model`` only: other
+    models, also of the same class and in other threads, keep their exact
+    gradients, and ``model`` is left exactly as it was when the block ends,
+    also when it ends with an exception.
+
+    The rules act on the autograd graph built by the forward pass: a backward
+    pass after the block through a graph built inside it still uses them.
+
+    Args:
+        model (nn.Module): The model to modify, usually a transformers model.
+        temperature (float or None, optional): Softmax backward temperature.
+                    Default: 2.0
+        freeze_norm (bool, optional): Freeze normalization statistics.
+                    Default: True
+        q_scale (float, optional): Gradient scale of attention queries.
+                    Default: 0.25
+        k_scale (float, optional): Gradient scale of attention keys.
+                    Default: 0.25
+        v_scale (float, optional): Gradient scale of attention values.
+                    Default: 0.5
+        gate_scale (float, optional): Gradient scale of gated-MLP gates.
+                    Default: 0.5
+        up_scale (float, optional): Gradient scale of gated-MLP up branches.
+                    Default: 0.5
+        config (GIMConfig, optional): All seven settings as one object, instead
+                    of the keywords.
+        strict (bool, optional): Raise for parts of the model the rules cannot
+                    reach (see :func:`captum_gim.architectures.find_rule_sites`);
+                    with ``False`` they are skipped with a warning.
+                    Default: True
+
+    Yields:
+        *GIMConfig*: the settings in force.
+
+    Examples::
+
+        >>> from captum.attr import IntegratedGradients
+        >>> from captum_gim import gim_rules
+        >>> ig = IntegratedGradients(forward_func)
+        >>> with gim_rules(model):
+        >>>     attributions = ig.attribute(embeddings, target=token_id)
+    """
+    settings = GIMConfig.resolve(
+        config,
+        temperature=temperature,
+        freeze_norm=freeze_norm,
+        q_scale=q_scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        gate_scale=gate_scale,
+        up_scale=up_scale,
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
+            "Pass the model itself, e.g. gim_rules(model)."
+        )
+    sites = find_rule_sites(model, strict=strict)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_exclusive(model))
+        install_rules(stack, sites, settings)
+        yield settings
+
+
+def install_rules(
+    stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig
+) -> None:
+    r"""
+    Installs the hooks of every rule that ``config`` switches on; ``stack``
+    owns their removal.
+
+    Args:
+        stack (contextlib.ExitStack): Receives one removal callback per hook.
+        sites (RuleSites): Where the rules go.
+        config (GIMConfig): The settings.
+    """
+    if config.freeze_norm:
+        for norm in sites.norms:
+            _hook(stack, norm.module.register_forward_hook(_freeze_norm_hook(norm)))
+    if config.mlp_rule_on:
+        for mlp in sites.gated_mlps:
+            _install_gated_mlp_rule(stack, mlp, config)
+    if config.attention_rules_on:
+        for _, attention in sites.attentions:
+            stack.enter_context(route_attention(attention, config))
+
+
+@contextlib.contextmanager
+def _exclusive(model: nn.Module) -> Iterator[None]:
+    with _active_lock:
+        if model in _active_models:
+            raise RuntimeError(
+                f"GIM rules are already active on this {type(model).__name__} "
+                "(nested gim_rules, or GIMAttribution inside gim_rules, or the "
+                "same model in two threads). Rules are never applied twice: run "
+                "the inner call outside the outer gim_rules block, or use one "
+                "model object per thread."
+            )
+        _active_models.add(model)
+    try:
+        yield
+    finally:
+        with _active_lock:
+            _active_models.discard(model)
+
+
+def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
+    stack.callback(handle.remove)
+
+
+def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
+    module = site.module
+
+    def hook(_: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        x = args[0]
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return None
+        eps = site.eps if site.eps is not None else torch.finfo(x.dtype).eps
+        weight = getattr(module, "weight", None)
+        if site.centered:
+            return frozen_layer_norm(x, output, weight, eps, site.n_dims)
+        return frozen_rms_norm(x, output, weight, eps, site.weight_offset, site.n_dims)
+
+    return hook
+
+
+def _install_gated_mlp_rule(
+    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
+) -> None:
+    module = site.module
+    if site.layout is GatedLayout.SEPARATE:
+        for branch, scale in (("gate_proj", config.gate_scale), ("up_proj", config.up_scale)):
+            projection = getattr(module, branch)
+            _hook(stack, projection.register_forward_hook(_scale_output_hook(scale)))
+    elif site.layout is GatedLayout.FUSED:
+        hook = _scale_output_hook(config.gate_scale, config.up_scale)
+        _hook(stack, module.gate_up_proj.register_forward_hook(hook))
+    else:
+        hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
+        _hook(stack, module.act_fn.register_forward_pre_hook(hook))
+
+
+def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor | float:
+    if gate_scale == up_scale:
+        return gate_scale
+    half = output.shape[-1] // 2
+    scale = torch.full((2 * half,), up_scale, dtype=output.dtype, device=output.device)
+    scale[:half] = gate_scale
+    return scale
+
+
+def _scale_output_hook(
+    scale: float, second_half_scale: float | None = None
+) -> Callable[..., Tensor]:
+    """Scales a projection's output gradient; per half when two scales are given."""
+
+    def hook(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
+        if second_half_scale is None:
+            return scale_gradient(output, scale)
+        return scale_gradient(output, _halves_scale(output, scale, second_half_scale))
+
+    return hook
+
+
+def _scale_fused_base_hook(
+    name: str, gate_scale: float, up_scale: float
+) -> Callable[..., None]:
+    """Scales the gradient of the fused gate/up output that ``act_fn`` reads from."""
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        gate = args[0]
+        fused = gate._base
+        if not torch.is_grad_enabled() or not gate.requires_grad:
+            return
+        if fused is None or fused.shape[-1] != 2 * gate.shape[-1] or (
+            gate.storage_offset() != fused.storage_offset()
+        ):
+            raise RuntimeError(
+                f"The experts of '{name}' apply their activation to a tensor that "
+                "is not the first half of a fused gate/up projection; GIM cannot "
+                "split this MLP. Use experts_implementation='eager' or "
+                "'grouped_mm', or pass strict=False."
+            )
+        fused.register_hook(
+            lambda grad: grad * _halves_scale(grad, gate_scale, up_scale)
+        )
+
+    return hook
