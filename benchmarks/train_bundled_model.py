@@ -36,7 +36,6 @@ from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from captum_gim.models.tasks import (
-    BLANK_TOKEN,
     BOS_TOKEN,
     PAD_TOKEN,
     UNK_TOKEN,
@@ -118,14 +117,18 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, last
 
 
-def last_logits(model: LlamaForCausalLM, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def last_logits(
+    model: LlamaForCausalLM, ids: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
     r"""Logits at each prompt's last position (right padding needs no mask)."""
     hidden = model.model(input_ids=ids).last_hidden_state
     return model.lm_head(hidden[torch.arange(len(ids)), last])
 
 
 @torch.no_grad()
-def evaluate(model: LlamaForCausalLM, task: RedundantEvidenceTask, n: int = 1000) -> dict[str, float]:
+def evaluate(
+    model: LlamaForCausalLM, task: RedundantEvidenceTask, n: int = 1000
+) -> dict[str, float]:
     r"""
     Held-out accuracy and self-repair ratio.
 
@@ -153,7 +156,11 @@ def evaluate(model: LlamaForCausalLM, task: RedundantEvidenceTask, n: int = 1000
     logits = last_logits(model, ids, last)
     ans = torch.tensor([e.answer_id for e in pairs])
     base = logits[: len(pairs)].gather(1, ans[:, None])[:, 0]
-    var = logits[len(pairs) :].view(len(pairs), 3, -1).gather(2, ans[:, None, None].expand(-1, 3, 1))[..., 0]
+    var = (
+        logits[len(pairs) :]
+        .view(len(pairs), 3, -1)
+        .gather(2, ans[:, None, None].expand(-1, 3, 1))[..., 0]
+    )
     drops = base[:, None] - var
     ratio = (drops[:, :2] / drops[:, 2:]).mean().item()
     model.train()
@@ -165,13 +172,17 @@ def evaluate(model: LlamaForCausalLM, task: RedundantEvidenceTask, n: int = 1000
     }
 
 
-def train(steps: int, batch_size: int = 64, lr: float = 3e-3, label_smoothing: float = 0.0) -> tuple[LlamaForCausalLM, RedundantEvidenceTask]:
+def train(
+    steps: int, batch_size: int = 64, lr: float = 3e-3, label_smoothing: float = 0.0
+) -> tuple[LlamaForCausalLM, RedundantEvidenceTask]:
     r"""Trains the model; returns it with its task."""
     task = RedundantEvidenceTask()
     model = build_model(task)
     model.train()
     pad = task.token_to_id[PAD_TOKEN]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:
@@ -186,7 +197,9 @@ def train(steps: int, batch_size: int = 64, lr: float = 3e-3, label_smoothing: f
         batch = [task.sample(rng) for _ in range(batch_size)]
         ids, last = collate(batch, pad)
         target = torch.tensor([e.answer_id for e in batch])
-        loss = F.cross_entropy(last_logits(model, ids, last), target, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            last_logits(model, ids, last), target, label_smoothing=label_smoothing
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -220,12 +233,17 @@ def main() -> None:
     model, task = train(args.steps, args.batch_size, args.lr, args.label_smoothing)
     elapsed = time.perf_counter() - start
     metrics = evaluate(model, task, n=2000)
-    print(f"trained in {elapsed:.1f}s; held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(
+        f"trained in {elapsed:.1f}s; held-out: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     build_tokenizer(task).save_pretrained(args.out)
     task.save(args.out / "task.json")
+    for p in args.out.iterdir():
+        p.chmod(0o644)  # save_pretrained writes the weights as 0o600
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
 

@@ -33,6 +33,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from captum_gim.config import GIMConfig
 from captum_gim.functional import (
+    rule_dtype,
     scale_gradient,
     tempered_softmax,
     tempered_softmax_backward,
@@ -317,10 +318,11 @@ def blockwise_attention_backward(
     batch, heads, n_queries, _ = query.shape
     n_rep = heads // key.shape[1]
     n_keys = min(key.shape[2], n_queries) if causal else key.shape[2]
-    q = query.float()
-    k = repeat_kv(key[:, :, :n_keys].float(), n_rep)
-    v = repeat_kv(value[:, :, :n_keys].float(), n_rep)
-    grad_out = grad_output.float()
+    dtype = rule_dtype(query)
+    q = query.to(dtype)
+    k = repeat_kv(key[:, :, :n_keys].to(dtype), n_rep)
+    v = repeat_kv(value[:, :, :n_keys].to(dtype), n_rep)
+    grad_out = grad_output.to(dtype)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros_like(k)
     grad_v = torch.zeros_like(v)
@@ -332,7 +334,7 @@ def blockwise_attention_backward(
         if mask is not None and mask.dtype == torch.bool:
             scores.masked_fill_(~mask[..., rows, :n_keys], float("-inf"))
         elif mask is not None:
-            scores += mask[..., rows, :n_keys].float()
+            scores += mask[..., rows, :n_keys].to(dtype)
         if causal:
             block_mask = _causal_mask(start, q_block.shape[2], n_keys, q.device)
             scores.masked_fill_(~block_mask, float("-inf"))

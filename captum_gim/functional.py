@@ -2,7 +2,8 @@
 
 Nothing here knows about models: each function leaves the forward value exactly
 as it was and only changes what the backward pass sends to its input. All rule
-arithmetic runs in float32 and the gradients are cast back to the input dtype.
+arithmetic runs in float32 (float64 for float64 inputs) and the gradients are cast
+back to the input dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def rule_dtype(x: Tensor) -> torch.dtype:
+    r"""
+    Returns:
+        *torch.dtype*: the dtype the rule arithmetic runs in for ``x``: float32,
+        or float64 when ``x`` is float64.
+    """
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -63,15 +73,15 @@ class _FrozenNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         dims = tuple(range(-ctx.n_dims, 0))
-        x32 = x.float()
+        x32 = x.to(rule_dtype(x))
         if ctx.center:
             second_moment = x32.var(dim=dims, unbiased=False, keepdim=True)
         else:
             second_moment = x32.square().mean(dim=dims, keepdim=True)
         inverse_scale = torch.rsqrt(second_moment + ctx.eps)
-        grad = grad_y.float()
+        grad = grad_y.to(x32.dtype)
         if weight is not None:
-            grad = grad * (weight.float() + ctx.weight_offset)
+            grad = grad * (weight.to(x32.dtype) + ctx.weight_offset)
         if ctx.center:
             grad = grad - grad.mean(dim=dims, keepdim=True)
         grad_x = (grad * inverse_scale).to(x.dtype)
@@ -140,13 +150,13 @@ def tempered_softmax_backward(
     masked gets a zero gradient.
 
     Args:
-        scores (Tensor): Float32 scores ``s`` as the softmax saw them (after
+        scores (Tensor): Scores ``s`` as the softmax saw them (after
                     scaling, soft-capping and masking), keys on the last dim.
-        grad_probs (Tensor): Float32 upstream gradient ``grad_p``.
+        grad_probs (Tensor): Upstream gradient ``grad_p``, same dtype.
         temperature (float): ``T``; ``1.0`` gives the exact softmax gradient.
 
     Returns:
-        *Tensor*: the float32 gradient of the scores.
+        *Tensor*: the gradient of the scores, in their dtype.
     """
     tempered = torch.softmax(scores / temperature, dim=-1).nan_to_num_(0.0)
     inner = (grad_probs * tempered).sum(dim=-1, keepdim=True)
@@ -163,8 +173,9 @@ class _TemperedSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_probs: Tensor) -> tuple[Tensor, None]:
         (scores,) = ctx.saved_tensors
+        dtype = rule_dtype(scores)
         grad = tempered_softmax_backward(
-            scores.float(), grad_probs.float(), ctx.temperature
+            scores.to(dtype), grad_probs.to(dtype), ctx.temperature
         )
         return grad.to(scores.dtype), None
 

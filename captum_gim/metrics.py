@@ -383,6 +383,13 @@ def _perturbation_metric(
     replaceable = _replaceable_positions(
         inputs, attention_mask, replaceable_mask, protect_ends
     )
+    empty = (~replaceable.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"Example {empty[0]} has no replaceable token: all its positions are "
+            "padding, protected ends or excluded by replaceable_mask. Use longer "
+            "prompts, protect_ends=False, or a less restrictive replaceable_mask."
+        )
     extra_args = _format_additional_forward_args(additional_forward_args)
     batch = inputs.shape[0]
 
@@ -392,12 +399,6 @@ def _perturbation_metric(
     with torch.no_grad():
         for i in range(batch):
             positions = replaceable[i].nonzero().squeeze(1)
-            if positions.numel() == 0:
-                raise ValueError(
-                    f"Example {i} has no replaceable token: all its positions are padding, "
-                    "protected ends or excluded by replaceable_mask. Use longer prompts, "
-                    "protect_ends=False, or a less restrictive replaceable_mask."
-                )
             order = torch.sort(
                 token_scores[i, positions], descending=True, stable=True
             )[1]
@@ -490,6 +491,7 @@ def _validate(
 
 
 def _describe(value: object) -> str:
+    """Shape and dtype of a tensor, or the type of anything else, for messages."""
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return f"an object of type {type(value).__name__}"
@@ -550,7 +552,7 @@ def _example_args(
     if extra_args is None:
         return ()
     return tuple(
-        arg[index : index + 1].expand(rows, *arg.shape[1:])
+        arg[index : index + 1].expand(rows, *arg.shape[1:]).contiguous()
         if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == batch
         else arg
         for arg in extra_args
@@ -573,9 +575,10 @@ def _run_rows(
     scores = []
     for chunk_rows in rows.split(chunk):
         n = chunk_rows.shape[0]
-        kwargs = {}
+        kwargs: dict[str, Tensor] = {}
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[index : index + 1].expand(n, -1)
+            mask = attention_mask[index : index + 1].expand(n, -1)
+            kwargs["attention_mask"] = mask.contiguous()
         output = forward_func(
             chunk_rows, *_example_args(extra_args, index, batch, n), **kwargs
         )

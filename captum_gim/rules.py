@@ -211,24 +211,30 @@ def _scale_output_hook(
 def _scale_fused_base_hook(
     name: str, gate_scale: float, up_scale: float
 ) -> Callable[..., None]:
-    """Scales the gradient of the fused gate/up output that ``act_fn`` reads from."""
+    """Scales the gradient of the fused gate/up tensor that ``act_fn`` reads from.
+
+    The experts functions of transformers compute one fused projection and pass
+    its gate part, a view, to ``act_fn``; the rest of the fused tensor is the up
+    part. A gradient hook on the fused tensor scales the gate view's elements by
+    ``gate_scale`` and all others by ``up_scale``, whatever the layout.
+    """
 
     def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
         gate = args[0]
-        fused = gate._base
         if not torch.is_grad_enabled() or not gate.requires_grad:
             return
-        if fused is None or fused.shape[-1] != 2 * gate.shape[-1] or (
-            gate.storage_offset() != fused.storage_offset()
-        ):
+        fused = gate._base
+        if fused is None or fused.numel() != 2 * gate.numel():
             raise RuntimeError(
                 f"The experts of '{name}' apply their activation to a tensor that "
-                "is not the first half of a fused gate/up projection; GIM cannot "
-                "split this MLP. Use experts_implementation='eager' or "
-                "'grouped_mm', or pass strict=False."
+                "is not half of a fused gate/up projection; GIM cannot split this "
+                "MLP. Pass strict=False to skip the experts' gated split."
             )
-        fused.register_hook(
-            lambda grad: grad * _halves_scale(grad, gate_scale, up_scale)
-        )
+        scale: Tensor | float = gate_scale
+        if gate_scale != up_scale:
+            scale = torch.full_like(fused, up_scale)
+            offset = gate.storage_offset() - fused.storage_offset()
+            scale.as_strided(gate.shape, gate.stride(), offset).fill_(gate_scale)
+        fused.register_hook(lambda grad: grad * scale)
 
     return hook

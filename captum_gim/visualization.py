@@ -59,6 +59,8 @@ _BOX_HEIGHT = 0.85  # height of a token's box, as a fraction of the line height
 _BOX_PAD = 0.15  # blank space inside a box on each side of its text, in characters
 _BOX_GAP = 0.12  # blank space between two boxes, in characters
 _MARGIN_IN = 0.3  # left and right figure margins, in inches
+_TOP_IN = 0.15  # top figure margin, in inches
+_ROW_GAP_IN = 0.1  # space between the rows of plot_methods_side_by_side, in inches
 
 # Subword markers of byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece tokenizers.
 _MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"}
@@ -87,7 +89,9 @@ def _check_tokens(name: str, tokens: Sequence[str]) -> list[str]:
     return tokens
 
 
-def _as_array(name: str, values: AttributionLike | np.ndarray, ndim: int) -> np.ndarray:
+def _as_array(
+    name: str, values: AttributionLike | Sequence[Sequence[float]], ndim: int
+) -> np.ndarray:
     """Converts ``values`` to a float array with ``ndim`` dimensions.
 
     Leading dimensions of size one (a batch of one) are dropped.
@@ -95,6 +99,7 @@ def _as_array(name: str, values: AttributionLike | np.ndarray, ndim: int) -> np.
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).numpy()
     array = np.asarray(values, dtype=np.float64)
+    shape = tuple(array.shape)
     while array.ndim > ndim and array.shape[0] == 1:
         array = array[0]
     if array.ndim != ndim:
@@ -104,9 +109,7 @@ def _as_array(name: str, values: AttributionLike | np.ndarray, ndim: int) -> np.
             if ndim == 1
             else "one row per generated token and one column per prompt token"
         )
-        raise ValueError(
-            f"{name} must be {ndim}-D ({hint}), got shape {tuple(array.shape)}."
-        )
+        raise ValueError(f"{name} must be {ndim}-D ({hint}), got shape {shape}.")
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values; replace them first.")
     return array
@@ -239,13 +242,13 @@ def _draw_tokens(
 ) -> None:
     """Draws one coloured box per token into ``ax``, in character and line units."""
     top = (1 - _BOX_HEIGHT) / 2
-    for i, (label, x, width, line) in enumerate(
-        zip(layout.labels, layout.x, layout.width, layout.line)
+    faces = cmap(norm(values))
+    for i, (label, x, width, line, face) in enumerate(
+        zip(layout.labels, layout.x, layout.width, layout.line, faces)
     ):
-        face = cmap(norm(values[i]))
         box = Rectangle((x, line + top), width, _BOX_HEIGHT, facecolor=face, lw=0)
         box.set_gid(f"token-{i}")
-        ax.add_patch(box)
+        ax.add_artist(box)  # not add_patch: the limits are set below, once
         ax.text(
             x + _BOX_PAD,
             line + 0.5,
@@ -282,19 +285,19 @@ def _plot_rows(
         (label_h if label else 0.0) + layout.n_lines * line_h for label, _ in rows
     ]
     fig_w = width_in + 2 * _MARGIN_IN
-    fig_h = 0.15 + title_h + sum(rows_h) + 0.1 * (len(rows) - 1) + bottom_h
+    fig_h = _TOP_IN + title_h + sum(rows_h) + _ROW_GAP_IN * (len(rows) - 1) + bottom_h
     fig = Figure(figsize=(fig_w, fig_h))
     if title:
         fig.text(
             0.5,
-            1 - 0.15 / fig_h,
+            1 - _TOP_IN / fig_h,
             title,
             ha="center",
             va="top",
             fontsize=1.2 * fontsize,
             fontweight="bold",
         )
-    y_top = fig_h - 0.15 - title_h  # inches from the bottom edge
+    y_top = fig_h - _TOP_IN - title_h  # inches from the bottom edge
     for (label, values), row_h in zip(rows, rows_h):
         axes_h = layout.n_lines * line_h
         ax = fig.add_axes(
@@ -308,7 +311,7 @@ def _plot_rows(
         if label:
             ax.set_title(label, loc="left", fontsize=fontsize, fontweight="bold", pad=2)
         _draw_tokens(ax, layout, values, norm, cmap, fontsize)
-        y_top -= row_h + 0.1
+        y_top -= row_h + _ROW_GAP_IN
     cbar_w = min(width_in, 4.0)
     cax = fig.add_axes(
         (

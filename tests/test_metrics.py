@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from captum._utils.typing import TargetType
 from torch import Tensor
 
 from captum_gim.metrics import FaithfulnessResult, comprehensiveness, sufficiency
+
+Metric = Callable[..., FaithfulnessResult]
 
 BASELINE = 0
 PAD = 7  # a pad token with a non-zero weight, so that padding leaks would show
@@ -24,7 +29,9 @@ class LinearModel:
         self.weights = weights
         self.calls: list[Tensor] = []
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> Tensor:
         self.calls.append(input_ids.clone())
         values = self.weights[input_ids]
         if attention_mask is not None:
@@ -33,6 +40,7 @@ class LinearModel:
 
 
 def oracle(input_ids: Tensor) -> Tensor:
+    """Perfect attributions for the linear model: the weight of each token."""
     return WEIGHTS[input_ids]
 
 
@@ -95,7 +103,7 @@ def test_max_steps_caps_curve_and_pads_shorter_examples_with_nan() -> None:
 
 
 @pytest.mark.parametrize("metric", [comprehensiveness, sufficiency])
-def test_ends_and_padding_are_never_replaced(metric) -> None:
+def test_ends_and_padding_are_never_replaced(metric: Metric) -> None:
     ids = torch.tensor([[PAD, PAD, 1, 9, 5, 2, 3], [1, 4, 6, 5, 3, PAD, PAD]])
     mask = (ids != PAD).long()
     model = LinearModel()
@@ -113,9 +121,7 @@ def test_ends_and_padding_are_never_replaced(metric) -> None:
 def test_replaceable_mask_protects_chosen_positions() -> None:
     model = LinearModel()
     keep = torch.tensor([[True, True, False, True, True, True]])
-    result = comprehensiveness(
-        model, IDS, oracle(IDS), BASELINE, replaceable_mask=keep
-    )
+    result = comprehensiveness(model, IDS, oracle(IDS), BASELINE, replaceable_mask=keep)
 
     assert (model.calls[0][:, 2] == IDS[0, 2]).all()
     torch.testing.assert_close(result.curve, torch.tensor([[9.0, 17.0, 19.0]]))
@@ -130,7 +136,7 @@ def test_protect_ends_false_allows_replacing_first_and_last_tokens() -> None:
 
 
 @pytest.mark.parametrize("metric", [comprehensiveness, sufficiency])
-def test_forward_called_once_per_example(metric) -> None:
+def test_forward_called_once_per_example(metric: Metric) -> None:
     ids = torch.tensor([[1, 9, 5, 2, 8, 3], [2, 4, 6, 1, 3, 5], [3, 3, 3, 3, 3, 3]])
     model = LinearModel()
     metric(model, ids, torch.rand(ids.shape), BASELINE)
@@ -147,22 +153,12 @@ def test_max_batch_size_chunks_rows_without_changing_results() -> None:
 
 
 @pytest.mark.parametrize("metric", [comprehensiveness, sufficiency])
-def test_left_and_right_padding_match_unpadded_examples(metric) -> None:
+def test_left_and_right_padding_match_unpadded_examples(metric: Metric) -> None:
     short = [1, 4, 9, 6, 3]
     long = [2, 9, 5, 2, 8, 3, 1, 6]
     attributions = {tuple(s): torch.rand(len(s)) for s in (short, long)}
     alone = [
-        metric(
-            LinearModel(),
-            torch.tensor([s]),
-            attributions[tuple(s)][None],
-            BASELINE,
-            max_steps=50,
-        )
-        if metric is comprehensiveness
-        else metric(
-            LinearModel(), torch.tensor([s]), attributions[tuple(s)][None], BASELINE
-        )
+        metric(LinearModel(), torch.tensor([s]), attributions[tuple(s)][None], BASELINE)
         for s in (short, long)
     ]
     pad = len(long) - len(short)
@@ -200,9 +196,11 @@ def two_scores(input_ids: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize(
-    "target", [[0, 1], torch.tensor([0, 1]), [(0,), (1,)]], ids=["list", "tensor", "tuples"]
+    "target",
+    [[0, 1], torch.tensor([0, 1]), [(0,), (1,)]],
+    ids=["list", "tensor", "tuples"],
 )
-def test_per_example_targets_select_their_scores(target) -> None:
+def test_per_example_targets_select_their_scores(target: TargetType) -> None:
     ids = torch.cat([IDS, IDS])
     result = comprehensiveness(two_scores, ids, oracle(ids), BASELINE, target=target)
     # example 1 explains the negated score: same ranking, negated drops
@@ -226,7 +224,10 @@ def test_additional_forward_args_are_sliced_per_example() -> None:
 
     ids = torch.cat([IDS, IDS])
     result = comprehensiveness(
-        scaled, ids, oracle(ids), BASELINE,
+        scaled,
+        ids,
+        oracle(ids),
+        BASELINE,
         additional_forward_args=(torch.tensor([1.0, 2.0]), 5.0),
     )
     torch.testing.assert_close(result.original_score, torch.tensor([33.0, 61.0]))
@@ -242,7 +243,9 @@ def test_oracle_attributions_beat_random_ones_on_linear_model() -> None:
     suff_oracle = sufficiency(model, ids, best, BASELINE).aopc
     for _ in range(3):
         random = torch.rand(ids.shape, generator=generator)
-        assert (comprehensiveness(model, ids, random, BASELINE).aopc <= comp_oracle).all()
+        assert (
+            comprehensiveness(model, ids, random, BASELINE).aopc <= comp_oracle
+        ).all()
         assert (sufficiency(model, ids, random, BASELINE).aopc >= suff_oracle).all()
     worst = -best
     assert (comprehensiveness(model, ids, worst, BASELINE).aopc < comp_oracle).all()
@@ -263,7 +266,9 @@ def test_oracle_attributions_beat_random_ones_on_linear_model() -> None:
         ({"target": 3}, ValueError, "target 3 cannot index"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(kwargs, error, message) -> None:
+def test_bad_arguments_raise_clear_errors(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
     args = {
         "forward_func": LinearModel(),
         "inputs": IDS,
@@ -275,7 +280,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message) -> None:
 
 
 @pytest.mark.parametrize("fractions", [(0.0, 0.5), (0.5, 1.0), (), (1.5,)])
-def test_fractions_outside_open_unit_interval_are_rejected(fractions) -> None:
+def test_fractions_outside_open_unit_interval_are_rejected(
+    fractions: tuple[float, ...],
+) -> None:
     with pytest.raises(ValueError, match="fractions must be .* strictly between 0 and"):
         sufficiency(LinearModel(), IDS, oracle(IDS), BASELINE, fractions=fractions)
 
@@ -284,7 +291,9 @@ def test_example_without_replaceable_token_is_rejected() -> None:
     ids = torch.tensor([[1, 9, 5, 2], [PAD, PAD, 1, 3]])
     mask = (ids != PAD).long()
     with pytest.raises(ValueError, match="Example 1 has no replaceable token"):
-        comprehensiveness(LinearModel(), ids, oracle(ids), BASELINE, attention_mask=mask)
+        comprehensiveness(
+            LinearModel(), ids, oracle(ids), BASELINE, attention_mask=mask
+        )
 
 
 def test_forward_output_with_several_scores_per_row_is_rejected() -> None:
@@ -293,9 +302,10 @@ def test_forward_output_with_several_scores_per_row_is_rejected() -> None:
 
 
 def test_tiny_llama_runs_and_first_step_matches_manual_replacement() -> None:
-    transformers = pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = LlamaConfig(
         vocab_size=50,
         hidden_size=32,
         intermediate_size=64,
@@ -304,7 +314,7 @@ def test_tiny_llama_runs_and_first_step_matches_manual_replacement() -> None:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
 
     def logits(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -314,7 +324,12 @@ def test_tiny_llama_runs_and_first_step_matches_manual_replacement() -> None:
     attributions = torch.randn(2, 10, 32)
     target = (-1, 7)
     comp = comprehensiveness(
-        logits, ids, attributions, BASELINE, target=target, attention_mask=mask,
+        logits,
+        ids,
+        attributions,
+        BASELINE,
+        target=target,
+        attention_mask=mask,
         max_steps=5,
     )
     suff = sufficiency(

@@ -10,7 +10,7 @@ import transformers
 from torch import Tensor, nn
 
 VOCAB = 64
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
 DECODER = dict(COMMON, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64)
 
 
@@ -25,13 +25,21 @@ class Family:
     causal: bool = True
     implementations: tuple[str, ...] = ("eager", "sdpa")
 
-    def build(self, implementation: str, seed: int = 0, **overrides: object) -> nn.Module:
+    def build(
+        self,
+        implementation: str,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        experts_implementation: str | None = None,
+        **overrides: object,
+    ) -> nn.Module:
         torch.manual_seed(seed)
         config = getattr(transformers, self.config_class)(**{**self.settings, **overrides})
         model_class = getattr(transformers, self.model_class)
-        model = model_class._from_config(config, attn_implementation=implementation)
+        extra = {"experts_implementation": experts_implementation} if experts_implementation else {}
+        model = model_class._from_config(config, attn_implementation=implementation, **extra)
         _randomize_norm_weights(model)
-        return model.eval()
+        return model.to(dtype).eval()
 
 
 def _randomize_norm_weights(model: nn.Module) -> None:
@@ -53,10 +61,10 @@ FAMILIES = [
         "gemma2",
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        dict(DECODER, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0),
+        dict(DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0),
         implementations=("eager",),  # transformers has no sdpa for soft-capped attention
     ),
-    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8, sliding_window=4)),
+    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)),
     Family("phi3", "Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0)),
     Family(
         "mixtral",
@@ -70,7 +78,7 @@ FAMILIES = [
         "Qwen2MoeForCausalLM",
         dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     ),
-    Family("gpt2", "GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    Family("gpt2", "GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)),
     Family(
         "gpt_neox",
         "GPTNeoXConfig",

@@ -127,7 +127,11 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(name)
-    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs = (
+        {}
+        if attn_implementation is None
+        else {"attn_implementation": attn_implementation}
+    )
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

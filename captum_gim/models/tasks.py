@@ -191,9 +191,7 @@ class RedundantEvidenceTask:
         r"""Token id of the baseline token ``<blank>``."""
         return self.token_to_id[BLANK_TOKEN]
 
-    def sample(
-        self, rng: random.Random, num_evidence: int | None = None
-    ) -> Example:
+    def sample(self, rng: random.Random, num_evidence: int | None = None) -> Example:
         r"""
         Draws one prompt.
 
