@@ -21,6 +21,6 @@ __all__ = [
     "GIMConfig",
     "LayerGIM",
     "UnsupportedModuleError",
-    "gim_rules",
     "__version__",
+    "gim_rules",
 ]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum._utils.common import _format_baseline
 from torch import Tensor, nn
 
 
@@ -56,6 +57,29 @@ def check_float_inputs(inputs: tuple[Tensor, ...], layer_hint: bool = True) -> N
                 f"inputs[{index}] is empty (shape {tuple(tensor.shape)}); pass at "
                 "least one example with at least one token."
             )
+
+
+def format_baselines(
+    baselines: object, inputs: tuple[Tensor, ...]
+) -> tuple[Tensor | int | float, ...]:
+    r"""
+    Captum's baseline formatting (None means zeros, one value per input), with
+    errors that name the bad baseline and the fix.
+
+    Returns:
+        *tuple*: one tensor or number per input tensor.
+    """
+    if baselines is not None:
+        items = baselines if isinstance(baselines, tuple) else (baselines,)
+        for index, baseline in enumerate(items):
+            if isinstance(baseline, bool) or not isinstance(baseline, (Tensor, int, float)):
+                raise TypeError(
+                    f"baselines[{index}] must be a tensor or a number, got "
+                    f"{type(baseline).__name__}."
+                )
+    formatted = _format_baseline(baselines, inputs)  # type: ignore[arg-type]
+    check_baselines(inputs, formatted)
+    return formatted
 
 
 def check_baselines(

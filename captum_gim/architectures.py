@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
@@ -223,7 +223,7 @@ def _routes_attention(module: nn.Module) -> bool:
     return hasattr(module, "config") and _forward_uses_interface(type(module))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forward_uses_interface(cls: type) -> bool:
     try:
         source = inspect.getsource(cls.forward)

@@ -7,7 +7,6 @@ from typing import cast
 
 from captum._utils.common import (
     _format_additional_forward_args,
-    _format_baseline,
     _format_output,
     _format_tensor_into_tuples,
     _is_tuple,
@@ -18,7 +17,7 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_gim._checks import check_baselines, check_float_inputs, resolve_model
+from captum_gim._checks import check_float_inputs, format_baselines, resolve_model
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 
@@ -170,8 +169,7 @@ class GIMAttribution(GradientAttribution):
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = _format_tensor_into_tuples(inputs)
         check_float_inputs(inputs_tuple)
-        baselines_tuple = _format_baseline(baselines, inputs_tuple)
-        check_baselines(inputs_tuple, baselines_tuple)
+        baselines_tuple = format_baselines(baselines, inputs_tuple)
         additional_forward_args = _format_additional_forward_args(
             additional_forward_args
         )

@@ -7,7 +7,6 @@ from typing import Any, cast
 
 from captum._utils.common import (
     _format_additional_forward_args,
-    _format_baseline,
     _format_output,
     _format_tensor_into_tuples,
 )
@@ -17,7 +16,7 @@ from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_gim._checks import check_baselines, resolve_model
+from captum_gim._checks import format_baselines, resolve_model
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 
@@ -183,8 +182,7 @@ class LayerGIM(LayerGradientXActivation):
             )
         layer_gradients = cast(tuple[Tensor, ...], layer_gradients)
         layer_evals = cast(tuple[Tensor, ...], layer_evals)
-        baselines = _format_baseline(layer_baselines, layer_evals)
-        check_baselines(layer_evals, baselines)
+        baselines = format_baselines(layer_baselines, layer_evals)
         if self.multiplies_by_inputs:
             attributions = tuple(
                 (activation - baseline) * gradient

@@ -101,10 +101,9 @@ def gim_rules(
             f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
             "Pass the model itself, e.g. gim_rules(model)."
         )
-    sites = find_rule_sites(model, strict=strict)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(model))
-        install_rules(stack, sites, settings)
+        install_rules(stack, find_rule_sites(model, strict=strict), settings)
         yield settings
 
 

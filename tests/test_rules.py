@@ -1,0 +1,191 @@
+"""gim_rules: scope, restoration of the model, nesting, unsupported parts, threads."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from tiny_models import FAMILY_BY_NAME, PlainMLPModel, logits_of, sample_ids
+from torch import nn
+
+from captum_gim import GIMAttribution, GIMConfig, UnsupportedModuleError, gim_rules
+from captum_gim.architectures import find_rule_sites
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "hooks": [
+            (name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for name, m in model.named_modules()
+        ],
+        "configs": [(name, id(getattr(m, "config", None))) for name, m in model.named_modules()],
+        "implementation": model.config._attn_implementation,
+        "training": [m.training for m in model.modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    for key in ("hooks", "configs", "implementation", "training", "requires_grad"):
+        assert before[key] == after[key], key
+    for name, tensor in before["state"].items():
+        assert torch.equal(tensor, after["state"][name]), name
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_model_left_exactly_as_it_was(implementation) -> None:
+    model = FAMILY_BY_NAME["llama"].build(implementation)
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+    before = _snapshot(model)
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    GIMAttribution(logits_of(model), model).attribute(embeds, target=3)
+    _assert_same(before, _snapshot(model))
+
+
+def test_model_restored_when_forward_raises_midway() -> None:
+    model = FAMILY_BY_NAME["qwen2_moe"].build("sdpa")
+    before = _snapshot(model)
+
+    def explode(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].mlp.register_forward_hook(explode)
+    before["hooks"] = _snapshot(model)["hooks"]
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    with pytest.raises(KeyboardInterrupt):
+        GIMAttribution(logits_of(model), model).attribute(embeds, target=3)
+    _assert_same(before, _snapshot(model))
+    handle.remove()
+    GIMAttribution(logits_of(model), model).attribute(embeds, target=3)  # usable again
+
+
+def test_rules_act_only_inside_the_block() -> None:
+    model = FAMILY_BY_NAME["llama"].build("sdpa")
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    saliency = Saliency(logits_of(model))
+    plain = saliency.attribute(embeds, target=3, abs=False)
+    with gim_rules(model):
+        ruled = saliency.attribute(embeds, target=3, abs=False)
+    after = saliency.attribute(embeds, target=3, abs=False)
+    gim = GIMAttribution(logits_of(model), model, multiply_by_inputs=False).attribute(embeds, target=3)
+    torch.testing.assert_close(ruled, gim, rtol=0, atol=0)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
+    assert not torch.allclose(ruled, plain)
+
+
+def test_integrated_gradients_under_gim_rules() -> None:
+    model = FAMILY_BY_NAME["llama"].build("sdpa")
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    ig = IntegratedGradients(logits_of(model))
+    plain = ig.attribute(embeds, target=3, n_steps=8)
+    with gim_rules(model, config=GIMConfig.all_rules_off()):
+        off = ig.attribute(embeds, target=3, n_steps=8)
+    with gim_rules(model):
+        gim = ig.attribute(embeds, target=3, n_steps=8)
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    assert (gim - plain).norm() > 1e-3 * plain.norm()
+
+
+def test_nested_rules_on_the_same_model_raise() -> None:
+    model = FAMILY_BY_NAME["llama"].build("sdpa")
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    with gim_rules(model):
+        with pytest.raises(RuntimeError, match="already active"):
+            with gim_rules(model):
+                pass
+        with pytest.raises(RuntimeError, match="already active"):
+            GIMAttribution(logits_of(model), model).attribute(embeds, target=3)
+    with gim_rules(model):  # the failed attempts left nothing behind
+        pass
+
+
+class _CustomNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True)
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(4, 4)
+        self.w_up = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.w_gate(x)) * self.w_up(x)
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        (_CustomNorm(), "normalization layer of unknown form"),
+        (nn.MultiheadAttention(4, 2), "without transformers' AttentionInterface"),
+        (_GatedMLP(), "gated MLP of unknown form"),
+    ],
+)
+def test_unsupported_parts_raise_or_warn(part, message) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), part)
+    with pytest.raises(UnsupportedModuleError, match=message) as error:
+        with gim_rules(model):
+            pass
+    assert "strict=False" in str(error.value)
+    with pytest.warns(UserWarning, match=message):
+        with gim_rules(model, strict=False):
+            pass
+
+
+def test_unsupported_attention_implementation_is_named() -> None:
+    model = FAMILY_BY_NAME["llama"].build("sdpa")
+    model.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(UnsupportedModuleError, match="attn_implementation='sdpa'"):
+        find_rule_sites(model)
+
+
+def test_plain_model_without_attention_is_supported() -> None:
+    sites = find_rule_sites(PlainMLPModel())
+    assert len(sites.norms) == 2 and not sites.attentions and not sites.gated_mlps
+
+
+def _gradient(model: nn.Module, embeds: torch.Tensor, **settings) -> torch.Tensor:
+    if settings.pop("gim"):
+        return GIMAttribution(logits_of(model), model, multiply_by_inputs=False, **settings).attribute(
+            embeds, target=3
+        )
+    return Saliency(logits_of(model)).attribute(embeds, target=3, abs=False)
+
+
+def test_threads_with_different_settings_get_their_single_threaded_results() -> None:
+    family = FAMILY_BY_NAME["llama"]
+    models = [family.build("sdpa"), family.build("sdpa"), family.build("sdpa")]
+    embeds = models[0].get_input_embeddings()(sample_ids(length=24)).detach()
+    jobs = [dict(gim=True, temperature=2.0), dict(gim=True, temperature=5.0, q_scale=1.0), dict(gim=False)]
+    expected = [_gradient(model, embeds, **dict(job)) for model, job in zip(models, jobs)]
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
+
+    def work(index: int) -> None:
+        for _ in range(5):
+            results[index].append(_gradient(models[index], embeds, **dict(jobs[index])))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(3):
+        assert len(results[index]) == 5
+        for got in results[index]:
+            torch.testing.assert_close(got, expected[index], rtol=0, atol=0)
+
+
+def test_no_warning_for_supported_models() -> None:
+    model = FAMILY_BY_NAME["gemma3"].build("sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gim_rules(model):
+            pass
