@@ -6,10 +6,12 @@ The public API:
 - :class:`LayerGIM`: attributions to a layer (e.g. the token embeddings).
 - :func:`gim_rules`: the GIM backward rules for any Captum gradient method.
 - :class:`GIMConfig`: the seven settings of the rules.
+- :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
 """
 
 from captum_gim.architectures import UnsupportedModuleError
 from captum_gim.attribution import GIMAttribution
+from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.layer_attribution import LayerGIM
 from captum_gim.rules import gim_rules
@@ -17,10 +19,12 @@ from captum_gim.rules import gim_rules
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComparisonResult",
     "GIMAttribution",
     "GIMConfig",
     "LayerGIM",
     "UnsupportedModuleError",
     "__version__",
+    "compare",
     "gim_rules",
 ]

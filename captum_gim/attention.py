@@ -36,7 +36,6 @@ from captum_gim.functional import (
     rule_dtype,
     scale_gradient,
     tempered_softmax,
-    tempered_softmax_backward,
 )
 
 GIM_ATTENTION = "captum_gim"
@@ -44,7 +43,7 @@ SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 # Largest number of float32 score entries (batch x heads x query block x keys)
 # that the blockwise backward materialises at once.
-BACKWARD_BLOCK_ELEMENTS = 1 << 23
+BACKWARD_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -297,6 +296,10 @@ def blockwise_attention_backward(
     Gradients of ``softmax(q k^T * scaling + mask) v`` with respect to ``q``,
     ``k`` and ``v`` under rule 1, computed one block of queries at a time.
 
+    The query heads that share a key/value head are processed together, so
+    grouped-query attention needs no repeated keys and values. With ``causal``,
+    each block reads only the keys its queries can see.
+
     Args:
         query (Tensor): ``batch x heads x queries x head_dim``.
         key (Tensor): ``batch x kv_heads x keys x head_dim`` (grouped-query
@@ -315,47 +318,82 @@ def blockwise_attention_backward(
         *tuple[Tensor, Tensor, Tensor]*: gradients of query, key and value, in
         their dtypes.
     """
-    batch, heads, n_queries, _ = query.shape
-    n_rep = heads // key.shape[1]
+    batch, heads, n_queries, head_dim = query.shape
+    kv_heads, n_rep = key.shape[1], heads // key.shape[1]
     n_keys = min(key.shape[2], n_queries) if causal else key.shape[2]
     dtype = rule_dtype(query)
-    q = query.to(dtype)
-    k = repeat_kv(key[:, :, :n_keys].to(dtype), n_rep)
-    v = repeat_kv(value[:, :, :n_keys].to(dtype), n_rep)
-    grad_out = grad_output.to(dtype)
+    # Layout: (batch * kv_heads, n_rep, queries, dim); a block's rows of all the
+    # query heads of one kv head are flattened into one matrix.
+    q = query.to(dtype).reshape(batch * kv_heads, n_rep, n_queries, head_dim)
+    grad_out = grad_output.to(dtype).reshape(batch * kv_heads, n_rep, n_queries, -1)
+    k = key[:, :, :n_keys].to(dtype).reshape(batch * kv_heads, n_keys, head_dim)
+    v = value[:, :, :n_keys].to(dtype).reshape(batch * kv_heads, n_keys, -1)
+    if mask is not None:
+        mask = _group_heads(mask[..., :n_keys], kv_heads, n_rep)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros_like(k)
     grad_v = torch.zeros_like(v)
     rows_per_block = max(1, block_elements // max(1, batch * heads * n_keys))
     for start in range(0, n_queries, rows_per_block):
-        rows = slice(start, min(start + rows_per_block, n_queries))
-        q_block = q[:, :, rows]
-        scores = torch.matmul(q_block, k.transpose(2, 3)) * scaling
+        end = min(start + rows_per_block, n_queries)
+        visible = min(end, n_keys) if causal else n_keys
+        if visible == 0:
+            grad_q[:, :, start:end] = 0
+            continue
+        q_block = q[:, :, start:end].reshape(batch * kv_heads, -1, head_dim)
+        out_block = grad_out[:, :, start:end].reshape(batch * kv_heads, q_block.shape[1], -1)
+        keys, values = k[:, :visible], v[:, :visible]
+        scores = torch.bmm(q_block, keys.transpose(1, 2)).mul_(scaling)
+        blocked = scores.view(batch, kv_heads, n_rep, end - start, visible)
+        if causal and visible > start:
+            _mask_future_keys(blocked, start, visible)
         if mask is not None and mask.dtype == torch.bool:
-            scores.masked_fill_(~mask[..., rows, :n_keys], float("-inf"))
+            blocked.masked_fill_(~mask[..., start:end, :visible], float("-inf"))
         elif mask is not None:
-            scores += mask[..., rows, :n_keys].to(dtype)
-        if causal:
-            block_mask = _causal_mask(start, q_block.shape[2], n_keys, q.device)
-            scores.masked_fill_(~block_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
-        grad_block = grad_out[:, :, rows]
-        grad_v += torch.matmul(probs.transpose(2, 3), grad_block)
-        grad_probs = torch.matmul(grad_block, v.transpose(2, 3))
-        grad_scores = tempered_softmax_backward(scores, grad_probs, temperature)
-        grad_q[:, :, rows] = torch.matmul(grad_scores, k) * scaling
-        grad_k += torch.matmul(grad_scores.transpose(2, 3), q_block) * scaling
-    grad_k = _sum_groups(grad_k, n_rep, key)
-    grad_v = _sum_groups(grad_v, n_rep, value)
-    return grad_q.to(query.dtype), grad_k, grad_v
+            blocked.add_(mask[..., start:end, :visible])
+        probs = torch.softmax(scores, dim=-1)
+        tempered = probs if temperature == 1.0 else torch.softmax(scores.div_(temperature), -1)
+        if mask is not None:  # rows whose keys are all masked
+            probs.nan_to_num_(0.0)
+            tempered.nan_to_num_(0.0)
+        grad_v[:, :visible] += torch.bmm(probs.transpose(1, 2), out_block)
+        grad_scores = torch.bmm(out_block, values.transpose(1, 2))
+        inner = (grad_scores * tempered).sum(dim=-1, keepdim=True)
+        grad_scores.sub_(inner).mul_(tempered)
+        grad_q_block = torch.bmm(grad_scores, keys).mul_(scaling)
+        grad_q[:, :, start:end] = grad_q_block.view(batch * kv_heads, n_rep, end - start, -1)
+        grad_k[:, :visible] += torch.bmm(grad_scores.transpose(1, 2), q_block).mul_(scaling)
+    grad_k = _restore_layout(grad_k, batch, key)
+    grad_v = _restore_layout(grad_v, batch, value)
+    return grad_q.view(query.shape).to(query.dtype), grad_k, grad_v
 
 
-def _sum_groups(grad: Tensor, n_rep: int, like: Tensor) -> Tensor:
-    """Folds repeated kv heads back and pads the keys cut off by causality."""
-    batch, heads, n_keys, dim = grad.shape
-    grad = grad.view(batch, heads // n_rep, n_rep, n_keys, dim).sum(dim=2)
-    if n_keys < like.shape[2]:
-        grad = nn.functional.pad(grad, (0, 0, 0, like.shape[2] - n_keys))
+def _mask_future_keys(scores: Tensor, start: int, visible: int) -> None:
+    """Sets scores of keys after each query (upper-left causal) to -inf, in place.
+
+    ``scores`` holds the rows of queries ``start, start + 1, ...`` and the keys
+    ``0 .. visible - 1``; only keys from ``start`` on can lie in the future.
+    """
+    diagonal = scores[..., start:visible]
+    future = torch.ones(diagonal.shape[-2:], dtype=torch.bool, device=scores.device)
+    diagonal.masked_fill_(future.triu_(1), float("-inf"))
+
+
+def _group_heads(mask: Tensor, kv_heads: int, n_rep: int) -> Tensor:
+    """Views a ``batch x heads x queries x keys`` mask (heads may be 1) as
+    ``batch x kv_heads x n_rep x queries x keys`` without copying."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(1)
+    return mask.view(mask.shape[0], kv_heads, n_rep, *mask.shape[2:])
+
+
+def _restore_layout(grad: Tensor, batch: int, like: Tensor) -> Tensor:
+    """``(batch * kv_heads) x keys x dim`` back to ``like``, padding keys cut by causality."""
+    grad = grad.view(batch, like.shape[1], grad.shape[1], grad.shape[2])
+    if grad.shape[2] < like.shape[2]:
+        grad = nn.functional.pad(grad, (0, 0, 0, like.shape[2] - grad.shape[2]))
     return grad.to(like.dtype)
 
 

@@ -1,0 +1,239 @@
+"""Speed and peak memory of GIM beside Captum's gradient methods, by prompt length.
+
+Each method runs in its own subprocess so that peak memory is measured cleanly:
+on CUDA with ``torch.cuda.max_memory_allocated``, on CPU as the growth of the
+process's peak resident set size over the model alone. Prompt lengths run in
+increasing order inside a subprocess, so the peak after each length is that
+length's peak.
+
+Usage::
+
+    python benchmarks/speed.py                    # CPU, writes benchmarks/RESULTS.md
+    python benchmarks/speed.py --device cuda      # adds a GPU section
+    python benchmarks/speed.py --quick            # a smoke run (tests use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+LENGTHS = (128, 512, 1024, 2048, 4096)
+METHODS = ("InputXGradient", "GIM", "IntegratedGradients-50", "FeatureAblation", "gim-explain")
+# Methods that cost O(steps) or O(tokens) passes are run only up to this length on CPU.
+SLOW_METHOD_MAX_LENGTH = {"cpu": 512, "cuda": 4096}
+
+
+def build_model(device: str, dtype: torch.dtype = torch.float32, quick: bool = False):
+    """A Llama-architecture model of 8 layers x 512 wide with random weights, sdpa attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=128 if quick else 512,
+        intermediate_size=344 if quick else 1376,
+        num_hidden_layers=2 if quick else 8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    )
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def attribution_runner(method: str, model, target: int) -> Callable[[torch.Tensor], object]:
+    """Returns a function that attributes the target logit to the given embeddings."""
+    from captum.attr import FeatureAblation, InputXGradient, IntegratedGradients
+
+    from captum_gim import GIMAttribution
+
+    def forward(embeds: torch.Tensor) -> torch.Tensor:
+        return model(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1]
+
+    if method == "InputXGradient":
+        return lambda e: InputXGradient(forward).attribute(e, target=target)
+    if method == "GIM":
+        return lambda e: GIMAttribution(forward, model).attribute(e, target=target)
+    if method == "IntegratedGradients-50":
+        return lambda e: IntegratedGradients(forward).attribute(
+            e, target=target, n_steps=50, internal_batch_size=1
+        )
+    if method == "FeatureAblation":
+
+        def ablate(embeds: torch.Tensor) -> object:
+            mask = torch.arange(embeds.shape[1], device=embeds.device)[None, :, None]
+            with torch.no_grad():
+                return FeatureAblation(forward).attribute(
+                    embeds, target=target, feature_mask=mask.expand_as(embeds),
+                    perturbations_per_eval=8,
+                )
+
+        return ablate
+    if method == "gim-explain":
+        return _gim_explain_runner(model, forward, target)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _gim_explain_runner(model, forward, target: int) -> Callable[[torch.Tensor], object]:
+    try:
+        import gim  # noqa: F401  (the authors' package, gim-explain)
+    except ImportError as error:
+        raise RuntimeError("gim-explain is not installed") from error
+    raise RuntimeError("gim-explain has no documented embeddings-level API to time here")
+
+
+def _peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(method: str, device: str, lengths: list[int], repeats: int, quick: bool) -> list[dict]:
+    """Runs one method over the lengths in this process; returns one row per length."""
+    torch.set_num_threads(torch.get_num_threads())
+    model = build_model(device, quick=quick)
+    rows = []
+    try:
+        run = attribution_runner(method, model, target=7)
+    except RuntimeError as error:
+        return [{"method": method, "length": n, "error": str(error)} for n in lengths]
+    generator = torch.Generator().manual_seed(0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = _peak_bytes(device)
+    for length in lengths:
+        if length > SLOW_METHOD_MAX_LENGTH[device] and method in ("IntegratedGradients-50", "FeatureAblation"):
+            rows.append({"method": method, "length": length, "error": "skipped on this device"})
+            continue
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
+        embeds = model.get_input_embeddings()(ids.to(device)).detach()
+        times = []
+        for attempt in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(embeds)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if attempt:  # the first run warms up
+                times.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "method": method,
+                "length": length,
+                "seconds": statistics.median(times),
+                "peak_mb": (_peak_bytes(device) - base) / 2**20,
+            }
+        )
+    return rows
+
+
+def run_all(device: str, lengths: list[int], repeats: int, quick: bool) -> list[dict]:
+    rows: list[dict] = []
+    for method in METHODS:
+        command = [
+            sys.executable, __file__, "--worker", method, "--device", device,
+            "--lengths", ",".join(map(str, lengths)), "--repeats", str(repeats),
+        ] + (["--quick"] if quick else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+            rows += [{"method": method, "length": n, "error": message} for n in lengths]
+            continue
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"done: {method}", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict], lengths: list[int]) -> str:
+    reference = {r["length"]: r for r in rows if r["method"] == "InputXGradient" and "seconds" in r}
+    lines = [
+        "| method | tokens | seconds | peak MB | time / InputXGradient | memory / InputXGradient |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method in METHODS:
+        for length in lengths:
+            row = next((r for r in rows if r["method"] == method and r["length"] == length), None)
+            if row is None:
+                continue
+            if "error" in row:
+                lines.append(f"| {method} | {length} | n/a | n/a | {row['error']} | |")
+                continue
+            ref = reference.get(length)
+            time_ratio = f"{row['seconds'] / ref['seconds']:.2f}x" if ref else ""
+            memory_ratio = (
+                f"{row['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else ""
+            )
+            lines.append(
+                f"| {method} | {length} | {row['seconds']:.3f} | {row['peak_mb']:.0f} | "
+                f"{time_ratio} | {memory_ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def device_label(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return (
+        f"CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()} "
+        f"(torch {torch.__version__})"
+    )
+
+
+def write_section(markdown: str, device: str, path: Path = RESULTS) -> None:
+    """Replaces this device's speed section of RESULTS.md, keeping everything else."""
+    start, end = f"<!-- speed-{device}:start -->", f"<!-- speed-{device}:end -->"
+    block = f"{start}\n{markdown}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny model and lengths")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if args.quick:
+        lengths, args.repeats = [16, 32], 1
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.device, lengths, args.repeats, args.quick)))
+        return 0
+    rows = run_all(args.device, lengths, args.repeats, args.quick)
+    command = "python benchmarks/speed.py" + (" --device cuda" if args.device == "cuda" else "")
+    markdown = (
+        f"## Speed and memory ({device_label(args.device)})\n\n"
+        f"Regenerate with `{command}`. Llama architecture, "
+        f"{'2 x 128' if args.quick else '8 layers x 512 wide'}, random weights, sdpa attention, "
+        "batch 1, target: one logit at the last position; median of "
+        f"{args.repeats} runs after a warm-up.\n\n" + table(rows, lengths)
+    )
+    print(markdown)
+    write_section(markdown, args.device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Tests for the captum-gim command line (captum_gim.cli, python -m captum_gim)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+import transformers
+from tiny_models import FAMILY_BY_NAME
+
+from captum_gim import GIMAttribution
+from captum_gim.cli import DEMO_PROMPT, main
+from captum_gim.compare import logits_forward
+from captum_gim.models import model_path
+
+PROMPT = "the good movie was boring ?"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _save_tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama with the bundled model's word-level tokenizer."""
+    model = FAMILY_BY_NAME["llama"].build("sdpa", vocab_size=229)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(model_path() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir: Path) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def _gim_token_scores(model: torch.nn.Module, ids: list[int], target: int) -> torch.Tensor:
+    embeds = model.get_input_embeddings()(torch.tensor([ids])).detach()
+    return GIMAttribution(logits_forward(model), model).attribute(embeds, target=target).sum(-1)[0]
+
+
+def _explain_json(model_dir: Path, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "scores.json"
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_explain_prints_a_token_table_and_writes_a_png(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "heatmap.png"
+    assert main(["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    rows = [line.split() for line in stdout.splitlines()[3:-1]]
+    assert [row[1] for row in rows] == ["<bos>", *PROMPT.split()]
+    assert f"wrote {out}" in stdout
+    assert mpimg.imread(out).ndim == 3
+
+
+def test_explain_json_scores_are_gim_of_the_greedy_next_token_logit(
+    model_dir: Path, loaded, tmp_path: Path
+) -> None:
+    model, tokenizer = loaded
+    result = _explain_json(model_dir, tmp_path)
+    ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        greedy = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    assert result["target_ids"] == [greedy]
+    assert result["tokens"] == tokenizer.convert_ids_to_tokens(ids)
+    assert result["score"] == "logit"
+    torch.testing.assert_close(
+        torch.tensor(result["scores"]), _gim_token_scores(model, ids, greedy), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_multi_token_target_is_explained_token_by_token_with_teacher_forcing(
+    model_dir: Path, loaded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, tokenizer = loaded
+    result = _explain_json(model_dir, tmp_path, "--target", "sad and happy")
+    ids = tokenizer(PROMPT).input_ids
+    target = tokenizer("sad and happy", add_special_tokens=False).input_ids
+    assert result["target_ids"] == target
+    assert result["target_tokens"] == ["sad", "and", "happy"]
+    for k, row in enumerate(result["token_scores"]):
+        want = _gim_token_scores(model, ids + target[:k], target[k])[: len(ids)]
+        torch.testing.assert_close(torch.tensor(row), want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(result["scores"]), torch.tensor(result["token_scores"]).sum(0)
+    )
+    captured = capsys.readouterr()
+    assert "target tokens" in captured.err  # the tqdm bar
+    header = captured.out.splitlines()[1].split()
+    assert header == ["#", "token", "sad", "and", "happy", "total"]
+
+
+def test_progress_falls_back_to_a_counter_without_tqdm(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    _explain_json(model_dir, tmp_path, "--target", "sad and happy")
+    assert "target tokens: 3/3" in capsys.readouterr().err
+
+
+def test_single_token_target_shows_no_progress(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _explain_json(model_dir, tmp_path, "--target", "sad")
+    assert "target tokens" not in capsys.readouterr().err
+
+
+def test_log_prob_score_and_html_output(model_dir: Path, tmp_path: Path) -> None:
+    result = _explain_json(model_dir, tmp_path, "--score", "log-prob")
+    assert result["score"] == "log-prob"
+    out = tmp_path / "heatmap.html"
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]
+    assert main(argv) == 0
+    assert "data:image/png;base64," in out.read_text()
+
+
+def test_loading_refuses_remote_code_and_pickle_unless_asked(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, list[dict]] = {"model": [], "tokenizer": []}
+    for key, auto in (
+        ("model", transformers.AutoModelForCausalLM),
+        ("tokenizer", transformers.AutoTokenizer),
+    ):
+        original = auto.from_pretrained
+
+        def record(*args, _original=original, _key=key, **kwargs):
+            calls[_key].append(kwargs)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", record)
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT]
+    assert main(argv) == 0
+    assert main([*argv, "--trust-remote-code", "--allow-pickle"]) == 0
+    default, asked = calls["model"]
+    assert (default["trust_remote_code"], default["use_safetensors"]) == (False, True)
+    assert (asked["trust_remote_code"], asked["use_safetensors"]) == (True, None)
+    assert [c["trust_remote_code"] for c in calls["tokenizer"]] == [False, True]
+
+
+def test_code_in_the_model_directory_is_never_run(model_dir: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(model_dir, tmp_path / "with_code")
+    marker = tmp_path / "code_ran"
+    (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "custom.Model", "AutoConfig": "custom.Config"}
+    (folder / "config.json").write_text(json.dumps(config))
+    main(["explain", "--model", str(folder), "--prompt", PROMPT])
+    assert not marker.exists()
+
+
+def test_pickle_weights_load_only_with_allow_pickle(model_dir: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(model_dir, tmp_path / "pickled")
+    state = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    argv = ["explain", "--model", str(folder), "--prompt", PROMPT]
+    assert main(argv) == 2
+    assert main([*argv, "--allow-pickle"]) == 0
+
+
+def _no_safetensors(tmp_path: Path, model_dir: Path) -> Path:
+    folder = tmp_path / "bin_only"
+    folder.mkdir()
+    shutil.copy(model_dir / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    return folder
+
+
+ERRORS = {
+    "missing-directory": (lambda tmp, good: tmp / "nowhere", [], "does not exist"),
+    "not-a-directory": (lambda tmp, good: good / "config.json", [], "not a directory"),
+    "no-config": (lambda tmp, good: tmp, [], "config.json"),
+    "no-safetensors": (_no_safetensors, [], "--allow-pickle"),
+    "empty-target": (lambda tmp, good: good, ["--target", "   "], "tokenizes to no tokens"),
+    "bad-suffix": (lambda tmp, good: good, ["--out", "x.txt"], ".json"),
+    "no-out-directory": (lambda tmp, good: good, ["--out", "no/such/x.png"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_user_errors_print_one_line_and_exit_2(
+    case: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder_of, extra, message = ERRORS[case]
+    argv = ["explain", "--model", str(folder_of(tmp_path, model_dir)), "--prompt", PROMPT, *extra]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("captum-gim: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["explain", "--prompt", "x"]) == 2
+    assert "usage: captum-gim" in capsys.readouterr().err
+
+
+def test_demo_ranks_the_evidence_words_highest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == ["<bos>", *DEMO_PROMPT.split()]
+    assert result["target_tokens"] == ["positive"]
+    top_two = sorted(range(len(result["scores"])), key=result["scores"].__getitem__)[-2:]
+    assert {result["tokens"][i] for i in top_two} == {"charming", "happy"}
+    assert "charming" in capsys.readouterr().out
+
+
+def test_python_dash_m_captum_gim_demo_writes_the_png(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "captum_gim", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "happy" in completed.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
