@@ -1,13 +1,87 @@
-"""Argument checks shared by the attribution classes, with errors that say the fix."""
+"""Checks of arguments and models for the attribution classes, with errors that say the fix."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from captum._utils.common import _format_baseline
+from captum._utils.typing import TargetType
 from torch import Tensor, nn
+
+_DROPOUT_CLASSES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+# Float attributes through which transformers' attention modules read their
+# attention dropout probability (the probability is then passed to the
+# attention function, so no nn.Dropout module exists).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")
+
+
+def is_compiled_wrapper(module: object) -> bool:
+    r"""
+    Returns:
+        *bool*: True when ``module`` is the wrapper returned by
+        ``torch.compile(module)`` (``torch._dynamo.eval_frame.OptimizedModule``).
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return optimized is not None and isinstance(module, optimized)
+
+
+def _compiled_model_error(where: str) -> TypeError:
+    return TypeError(
+        f"{where} is a torch.compile'd module (OptimizedModule). A compiled graph "
+        "need not run the hooks that apply the GIM rules, so GIM could silently "
+        "return plain gradients. Pass the original module, compiled._orig_mod, "
+        "and call it (not the compiled wrapper) in the forward function. "
+        "GIMAttribution and LayerGIM do this themselves when forward_func is the "
+        "compiled module, and a module compiled in place with module.compile() "
+        "runs eagerly under the GIM rules."
+    )
+
+
+def resolve_forward_and_model(
+    forward_func: Callable[..., Any], model: nn.Module | None
+) -> tuple[Callable[..., Any], nn.Module]:
+    r"""
+    The forward function to run and the model that gets the rules, with
+    ``torch.compile`` wrappers removed where that is safe.
+
+    A ``torch.compile(model)`` wrapper passed as ``forward_func`` is replaced by
+    the original module, so that GIM runs one eager forward and backward through
+    the module that carries the rule hooks (the results equal those of the
+    uncompiled model). A compiled wrapper passed only as ``model`` is refused:
+    ``forward_func`` would then run the compiled graph, which need not see the
+    hooks.
+
+    Args:
+        forward_func (Callable): The forward function given by the caller.
+        model (nn.Module or None): The model given by the caller.
+
+    Returns:
+        *tuple[Callable, nn.Module]*: the forward function and the model.
+    """
+    if is_compiled_wrapper(forward_func):
+        wrapper = forward_func
+        forward_func = forward_func._orig_mod  # type: ignore[union-attr]
+        if model is wrapper:
+            model = forward_func  # type: ignore[assignment]
+    if is_compiled_wrapper(model):
+        if model._orig_mod is not forward_func:  # type: ignore[union-attr]
+            raise _compiled_model_error("model")
+        model = forward_func  # type: ignore[assignment]
+    return forward_func, resolve_model(forward_func, model)
 
 
 def resolve_model(forward_func: Callable[..., Any], model: nn.Module | None) -> nn.Module:
@@ -31,6 +105,232 @@ def resolve_model(forward_func: Callable[..., Any], model: nn.Module | None) -> 
         "forward_func is not an nn.Module, so GIM does not know which model to "
         "modify. Pass it as model=, e.g. GIMAttribution(forward_func, model=model)."
     )
+
+
+def check_model(model: nn.Module) -> None:
+    r"""
+    Checks a model before the GIM rules are installed on it.
+
+    Raises a clear error for ``torch.compile`` wrappers in ``model`` (their
+    compiled graph need not run the rule hooks) and warns when ``model`` is in
+    training mode with active dropout (attributions are then random).
+
+    Args:
+        model (nn.Module): The model that gets the rules.
+    """
+    if is_compiled_wrapper(model):
+        raise _compiled_model_error("model")
+    for name, module in model.named_modules():
+        if module is not model and is_compiled_wrapper(module):
+            raise _compiled_model_error(f"Submodule '{name}' of model")
+    dropout = active_dropout(model)
+    if dropout:
+        listing = ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else "")
+        warnings.warn(
+            f"{type(model).__name__} is in training mode with active dropout "
+            f"({listing}): every call drops other random units, so attributions "
+            "are random and not reproducible (they remain the GIM gradients of "
+            "the dropped-out network). Call model.eval() before attributing.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    r"""
+    Returns:
+        *list[str]*: one description per module of ``model`` in training mode
+        whose dropout probability is > 0 (``nn.Dropout`` modules, and attention
+        modules with a float ``attention_dropout``-like attribute).
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        label = name or "<model>"
+        if isinstance(module, _DROPOUT_CLASSES):
+            if module.p > 0:
+                found.append(f"'{label}' p={module.p}")
+            continue
+        for attribute in _DROPOUT_ATTRIBUTES:
+            value = module.__dict__.get(attribute)
+            if isinstance(value, float) and value > 0:
+                found.append(f"'{label}' {attribute}={value}")
+                break
+    return found
+
+
+@contextlib.contextmanager
+def eager_calls(model: nn.Module) -> Iterator[None]:
+    r"""
+    Runs the modules of ``model`` that were compiled in place
+    (``module.compile()``) eagerly for the duration of the block, so that the
+    GIM rule hooks see every forward pass, and restores their compiled call when
+    the block ends.
+
+    Args:
+        model (nn.Module): The model that gets the rules.
+    """
+    compiled = [
+        (module, module.__dict__["_compiled_call_impl"])
+        for module in model.modules()
+        if module.__dict__.get("_compiled_call_impl") is not None
+    ]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
+
+
+def checked_forward(
+    forward_func: Callable[..., Any], target: TargetType
+) -> Callable[..., Any]:
+    r"""
+    Wraps ``forward_func`` so that ``target`` is checked against its output
+    right after the forward pass, before Captum selects the target and before
+    any backward pass (:func:`check_target`).
+
+    Args:
+        forward_func (Callable): The forward function Captum will call.
+        target (TargetType): The target given by the caller.
+
+    Returns:
+        *Callable*: a function with the signature of ``forward_func``.
+    """
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = forward_func(*args, **kwargs)
+        if isinstance(output, Tensor):
+            check_target(target, output)
+        return output
+
+    try:  # Captum inspects the signature (a forward without arguments is special)
+        forward.__signature__ = inspect.signature(forward_func)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+    if hasattr(forward_func, "device_ids"):  # DataParallel, read by Captum
+        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    return forward
+
+
+def check_target(target: TargetType, output: Tensor) -> None:
+    r"""
+    Raises a clear error when ``target`` cannot select one scalar per example
+    of ``output`` with Captum's conventions: an index out of range
+    (``IndexError``), or a target of the wrong form or length (``ValueError``).
+
+    Args:
+        target (TargetType): None, an int, a tuple of ints, a tensor, or a list
+                    of ints or tuples (one per example).
+        output (Tensor): The output of the forward function, ``batch x ...``.
+    """
+    shape = tuple(output.shape)
+    if not shape:
+        raise ValueError(
+            "forward_func returned a single scalar (shape ()); Captum needs one "
+            "output per example: return shape (batch,) for one scalar per "
+            "example, or (batch, n_outputs) and pass target=."
+        )
+    if target is None:
+        if output[0].numel() != 1:
+            raise ValueError(
+                f"target is None, but forward_func returns {shape[1:]} outputs per "
+                f"example (output shape {shape}). Pass target= (e.g. a class index "
+                "in [0, "
+                f"{shape[-1] - 1}]), or make forward_func return one scalar per example."
+            )
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            raise TypeError(
+                f"target has dtype {target.dtype}; pass integer indices, e.g. "
+                "target.long()."
+            )
+        if target.numel() == 1:
+            target = int(target.item())
+        elif target.dim() == 1:
+            target = [int(index) for index in target.tolist()]
+        else:
+            raise ValueError(
+                f"target has shape {tuple(target.shape)}; a tensor target is one "
+                f"index for every example (one element) or one index per example "
+                f"(shape ({shape[0]},))."
+            )
+    if isinstance(target, (int, tuple)):
+        _check_index(target, shape, "target")
+    elif isinstance(target, list):
+        if len(target) != shape[0]:
+            raise ValueError(
+                f"target has {len(target)} entries but the batch has {shape[0]} "
+                f"examples (output shape {shape}); pass one target per example, or "
+                "one int for all."
+            )
+        if target and all(isinstance(t, int) for t in target) and len(shape) != 2:
+            raise ValueError(
+                f"target is a list of ints, which needs an output of shape (batch, "
+                f"n_outputs), but forward_func returns shape {shape}; pass a list of "
+                "tuples, one index per output dimension after the batch."
+            )
+        for position, entry in enumerate(target):
+            if isinstance(entry, (int, tuple)):
+                _check_index(entry, shape, f"target[{position}]", per_example=True)
+
+
+def _check_index(
+    index: int | tuple[Any, ...], shape: tuple[int, ...], name: str, per_example: bool = False
+) -> None:
+    indices = (index,) if isinstance(index, int) else index
+    if len(indices) > len(shape) - 1:
+        raise ValueError(
+            f"{name} = {index!r} has {len(indices)} indices, but the output of "
+            f"forward_func has shape {shape}: at most {len(shape) - 1} (one per "
+            "dimension after the batch)."
+        )
+    for dim, value in enumerate(indices, start=1):
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue  # slices and the like: Captum's conventions apply
+        size = shape[dim]
+        low = 0 if per_example and isinstance(index, int) else -size
+        if not low <= value < size:
+            allowed = f"[0, {size - 1}]" if low == 0 else f"[{low}, {size - 1}]"
+            raise IndexError(
+                f"{name} = {index!r} is out of range for the output of forward_func "
+                f"of shape {shape}: the index of dimension {dim} must be in {allowed}."
+            )
+
+
+@contextlib.contextmanager
+def clear_gradient_errors() -> Iterator[None]:
+    r"""
+    Turns errors of the gradient computation that have a known cause into
+    errors that say the fix (reentrant gradient checkpointing).
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if "use_reentrant=True" not in str(error):
+            raise
+        raise RuntimeError(
+            "The model uses reentrant gradient checkpointing (use_reentrant=True), "
+            "which cannot compute gradients with torch.autograd.grad as Captum "
+            "does. Enable it with model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False}) (the "
+            "transformers default; GIM gives the same attributions as without "
+            "checkpointing), or call model.eval(), which turns checkpointing off."
+        ) from error
+
+
+def check_nonempty_inputs(inputs: tuple[Any, ...]) -> None:
+    r"""Raises a clear error for empty input tensors (no example or no token)."""
+    for index, tensor in enumerate(inputs):
+        if isinstance(tensor, Tensor) and tensor.numel() == 0:
+            raise ValueError(
+                f"inputs[{index}] is empty (shape {tuple(tensor.shape)}); pass at "
+                "least one example with at least one token."
+            )
 
 
 def check_float_inputs(inputs: tuple[Tensor, ...], layer_hint: bool = True) -> None:
@@ -103,6 +403,12 @@ def check_baselines(
             raise TypeError(
                 f"baselines[{index}] has dtype {baseline.dtype}; use a "
                 f"floating-point baseline like inputs[{index}] ({tensor.dtype})."
+            )
+        if tensor.is_floating_point() and baseline.dtype != tensor.dtype:
+            raise TypeError(
+                f"baselines[{index}] has dtype {baseline.dtype} but inputs[{index}] "
+                f"has {tensor.dtype}; pass baselines[{index}].to({tensor.dtype}) so "
+                "the attributions keep the inputs' dtype."
             )
         if baseline.device != tensor.device:
             raise ValueError(

@@ -11,13 +11,18 @@ from captum._utils.common import (
     _format_tensor_into_tuples,
     _is_tuple,
 )
-from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_gim._checks import check_float_inputs, format_baselines, resolve_model
+from captum_gim._checks import (
+    check_float_inputs,
+    checked_forward,
+    clear_gradient_errors,
+    format_baselines,
+    resolve_forward_and_model,
+)
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 
@@ -39,7 +44,25 @@ class GIMAttribution(GradientAttribution):
     on ``inputs - baselines``.
 
     The rules are module hooks installed on ``model`` for one ``attribute``
-    call and always removed; the model is left exactly as it was.
+    call and always removed; the model is left exactly as it was, also when the
+    forward function, a rule or the backward pass raises (KeyboardInterrupt
+    included). The caller's tensors are never modified: gradients are taken
+    with respect to detached aliases of the inputs, so their ``requires_grad``,
+    ``.grad`` and version counter stay as they were.
+
+    Safe to run at the same time in several threads on different model objects,
+    with different settings, next to threads computing plain gradients with
+    other models (also of the same class). One model object must not be used by
+    two threads at once while GIM runs on it: a second GIM call on it raises
+    ``RuntimeError``, and a plain forward pass on it would get the rules.
+
+    A ``torch.compile(model)`` wrapper given as ``forward_func`` is unwrapped:
+    GIM runs the original module eagerly and the attributions equal those of
+    the uncompiled model. Gradient checkpointing works with
+    ``use_reentrant=False`` (the transformers default) and gives the same
+    attributions; reentrant checkpointing raises a ``RuntimeError`` saying so.
+    A model in training mode with active dropout gets a warning: call
+    ``model.eval()`` for reproducible attributions.
     """
 
     def __init__(
@@ -66,7 +89,10 @@ class GIMAttribution(GradientAttribution):
                         a logit). It must run ``model``.
             model (nn.Module, optional): The transformer that gets the GIM
                         rules. When None, ``forward_func`` itself if it is an
-                        ``nn.Module`` (or a bound method of one).
+                        ``nn.Module`` (or a bound method of one). A
+                        ``torch.compile`` wrapper is accepted only when it is
+                        ``forward_func`` itself; otherwise pass the original
+                        module and call it in ``forward_func``.
                         Default: None
             temperature (float or None, optional): Temperature of the attention
                         softmax backward; 1.0 or None switches the rule off.
@@ -96,8 +122,8 @@ class GIMAttribution(GradientAttribution):
                         warning names them.
                         Default: True
         """
+        forward_func, self.model = resolve_forward_and_model(forward_func, model)
         GradientAttribution.__init__(self, forward_func)
-        self.model = resolve_model(forward_func, model)
         self.config = GIMConfig.resolve(
             config,
             temperature=temperature,
@@ -136,7 +162,10 @@ class GIMAttribution(GradientAttribution):
                         which gradients are computed, with Captum's usual
                         conventions (a class index for every example, one per
                         example, tuples for outputs with more dimensions, or None
-                        when forward_func returns one scalar per example).
+                        when forward_func returns one scalar per example). It is
+                        checked against the output right after the forward pass:
+                        an index out of range raises ``IndexError``, a target of
+                        the wrong form or length ``ValueError``.
                         Default: None
             additional_forward_args (Any, optional): Further arguments of
                         forward_func after the inputs (e.g. the attention mask);
@@ -173,14 +202,18 @@ class GIMAttribution(GradientAttribution):
         additional_forward_args = _format_additional_forward_args(
             additional_forward_args
         )
-        gradient_mask = apply_gradient_requirements(inputs_tuple, warn=False)
-        try:
+        # Detached aliases: the caller's tensors (maybe shared with other
+        # threads) keep their requires_grad, and in-place writes by forward_func
+        # to a leaf that requires grad are refused by autograd.
+        aliases = tuple(tensor.detach().requires_grad_() for tensor in inputs_tuple)
+        with clear_gradient_errors():
             with gim_rules(self.model, config=self.config, strict=self.strict):
                 gradients = self.gradient_func(
-                    self.forward_func, inputs_tuple, target, additional_forward_args
+                    checked_forward(self.forward_func, target),
+                    aliases,
+                    target,
+                    additional_forward_args,
                 )
-        finally:
-            undo_gradient_requirements(inputs_tuple, gradient_mask)
         if self.multiplies_by_inputs:
             attributions = tuple(
                 (tensor - baseline) * gradient

@@ -16,7 +16,13 @@ from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_gim._checks import format_baselines, resolve_model
+from captum_gim._checks import (
+    check_nonempty_inputs,
+    checked_forward,
+    clear_gradient_errors,
+    format_baselines,
+    resolve_forward_and_model,
+)
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 
@@ -32,6 +38,10 @@ class LayerGIM(LayerGradientXActivation):
     token embedding layer as ``layer``, token ids can be the inputs, and
     ``LayerGIM`` plugs into Captum's ``LLMGradientAttribution``, which accepts
     it as a ``LayerGradientXActivation``.
+
+    The model is left exactly as it was after every call, and the same rules
+    for threads, ``torch.compile``, gradient checkpointing and dropout apply as
+    for :class:`GIMAttribution`.
     """
 
     def __init__(
@@ -60,7 +70,9 @@ class LayerGIM(LayerGradientXActivation):
                         e.g. ``model.get_input_embeddings()``.
             model (nn.Module, optional): The transformer that gets the GIM rules.
                         When None, ``forward_func`` itself if it is an
-                        ``nn.Module`` (or a bound method of one).
+                        ``nn.Module`` (or a bound method of one). A
+                        ``torch.compile`` wrapper is accepted only when it is
+                        ``forward_func`` itself.
                         Default: None
             temperature (float or None, optional): Softmax backward temperature;
                         1.0 or None switches the rule off.
@@ -90,6 +102,7 @@ class LayerGIM(LayerGradientXActivation):
                         DataParallel forward_func (as in Captum).
                         Default: None
         """
+        forward_func, model = resolve_forward_and_model(forward_func, model)
         LayerGradientXActivation.__init__(
             self,
             forward_func,
@@ -97,7 +110,7 @@ class LayerGIM(LayerGradientXActivation):
             device_ids=device_ids,
             multiply_by_inputs=multiply_by_inputs,
         )
-        self.model = resolve_model(forward_func, model)
+        self.model = model
         self.config = GIMConfig.resolve(
             config,
             temperature=temperature,
@@ -127,7 +140,8 @@ class LayerGIM(LayerGradientXActivation):
             target (int, tuple, Tensor, or list, optional): Output indices for
                         which gradients are computed, with Captum's usual
                         conventions; None when forward_func returns one scalar
-                        per example.
+                        per example. Checked against the output right after the
+                        forward pass (``IndexError`` when out of range).
                         Default: None
             additional_forward_args (Any, optional): Further arguments of
                         forward_func after the inputs (e.g. the attention mask).
@@ -166,12 +180,15 @@ class LayerGIM(LayerGradientXActivation):
             >>> token_scores = gim.attribute(ids, target=42).sum(-1)  # 1 x 4
         """
         inputs = _format_tensor_into_tuples(inputs)
+        check_nonempty_inputs(inputs)
         additional_forward_args = _format_additional_forward_args(
             additional_forward_args
         )
-        with gim_rules(self.model, config=self.config, strict=self.strict):
+        with clear_gradient_errors(), gim_rules(
+            self.model, config=self.config, strict=self.strict
+        ):
             layer_gradients, layer_evals = compute_layer_gradients_and_eval(
-                self.forward_func,
+                checked_forward(self.forward_func, target),
                 self.layer,
                 inputs,
                 target,

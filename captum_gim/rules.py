@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_gim._checks import check_model, eager_calls
 from captum_gim.architectures import (
     GatedLayout,
     GatedMLPSite,
@@ -22,7 +23,10 @@ from captum_gim.attention import route_attention
 from captum_gim.config import GIMConfig
 from captum_gim.functional import frozen_layer_norm, frozen_rms_norm, scale_gradient
 
-_active_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# Every module of every model under the rules, with the model it belongs to.
+_active_modules: weakref.WeakKeyDictionary[nn.Module, weakref.ref[nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 _active_lock = threading.Lock()
 
 
@@ -50,7 +54,25 @@ def gim_rules(
     also when it ends with an exception.
 
     The rules act on the autograd graph built by the forward pass: a backward
-    pass after the block through a graph built inside it still uses them.
+    pass after the block through a graph built inside it still uses them,
+    except for layers recomputed during the backward pass by gradient
+    checkpointing, so with checkpointing run the backward inside the block.
+
+    Rules are never applied twice: entering ``gim_rules`` on a model that is
+    already under the rules, or on a model that shares a module with one that
+    is (e.g. ``model.model`` inside ``gim_rules(model)``), raises
+    ``RuntimeError``. Threads may use ``gim_rules`` on different model objects
+    at the same time, with different settings; a model object under the rules
+    must not be used by another thread until the block ends (a second
+    ``gim_rules`` on it raises, but a plain forward pass in another thread would
+    silently get the rules).
+
+    Modules compiled in place with ``module.compile()`` run eagerly inside the
+    block (and are compiled again after it), so that the rule hooks see every
+    forward pass. A ``torch.compile(model)`` wrapper is refused: pass the
+    original module (``compiled._orig_mod``) and call it, not the wrapper, in
+    the forward function. A model in training mode with active dropout gets a
+    warning, as its attributions are then random.
 
     Args:
         model (nn.Module): The model to modify, usually a transformers model.
@@ -101,8 +123,10 @@ def gim_rules(
             f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
             "Pass the model itself, e.g. gim_rules(model)."
         )
+    check_model(model)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_exclusive(model))
+        stack.enter_context(eager_calls(model))
         install_rules(stack, find_rule_sites(model, strict=strict), settings)
         yield settings
 
@@ -132,21 +156,36 @@ def install_rules(
 
 @contextlib.contextmanager
 def _exclusive(model: nn.Module) -> Iterator[None]:
+    modules = list(model.modules())
     with _active_lock:
-        if model in _active_models:
-            raise RuntimeError(
-                f"GIM rules are already active on this {type(model).__name__} "
-                "(nested gim_rules, or GIMAttribution inside gim_rules, or the "
-                "same model in two threads). Rules are never applied twice: run "
-                "the inner call outside the outer gim_rules block, or use one "
-                "model object per thread."
+        for module in modules:
+            entry = _active_modules.get(module)
+            owner = None if entry is None else entry()
+            if owner is None:
+                continue
+            relation = (
+                "this model"
+                if owner is model
+                else f"a {type(owner).__name__} that shares module "
+                f"{type(module).__name__} with this model"
             )
-        _active_models.add(model)
+            raise RuntimeError(
+                f"GIM rules are already active on {relation} "
+                f"({type(model).__name__}): nested gim_rules, GIMAttribution or "
+                "LayerGIM inside gim_rules, or the same model in two threads. "
+                "Rules are never applied twice: run the inner call outside the "
+                "outer gim_rules block, or use one model object per thread."
+            )
+        owner_ref = weakref.ref(model)
+        for module in modules:
+            _active_modules[module] = owner_ref
     try:
         yield
     finally:
         with _active_lock:
-            _active_models.discard(model)
+            for module in modules:
+                if _active_modules.get(module) is owner_ref:
+                    del _active_modules[module]
 
 
 def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
