@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
@@ -122,7 +121,9 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     """
     sites = RuleSites()
     problems: list[str] = []
-    for name, module in model.named_modules():
+    modules = list(model.named_modules())
+    routed = {name for name, module in modules if _routes_attention(module)}
+    for name, module in modules:
         label = name or "<model>"
         norm = _norm_site(label, module)
         if norm is not None:
@@ -133,7 +134,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                 "layer of unknown form; add its class to "
                 "captum_gim.architectures.RMS_NORM_CLASSES if it is an RMSNorm"
             )
-        if _routes_attention(module):
+        if name in routed:
             implementation = attention_implementation(module)
             if implementation in SUPPORTED_IMPLEMENTATIONS:
                 sites.attentions.append((label, module))
@@ -144,7 +145,9 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                     "attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation('sdpa')"
                 )
-        elif _looks_like_attention(module):
+        elif _looks_like_attention(module) and not any(
+            inner.startswith(f"{name}.") or not name for inner in routed
+        ):
             problems.append(
                 f"'{label}' ({type(module).__name__}) computes attention without "
                 "transformers' AttentionInterface, so the softmax and q/k/v rules "
@@ -200,9 +203,7 @@ def _looks_like_norm(module: nn.Module) -> bool:
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
-    if "attention" not in type(module).__name__.lower():
-        return False
-    return not any(_routes_attention(child) for child in _descendants(module))
+    return "attention" in type(module).__name__.lower()
 
 
 def _looks_like_gated_mlp(module: nn.Module) -> bool:
@@ -211,12 +212,6 @@ def _looks_like_gated_mlp(module: nn.Module) -> bool:
     has_gate = any("gate" in name and "router" not in name for name in names)
     has_up = any("up" in name.split("_") or name == "w3" for name in names)
     return has_gate and has_up
-
-
-def _descendants(module: nn.Module) -> Iterator[nn.Module]:
-    for _, child in module.named_modules():
-        if child is not module:
-            yield child
 
 
 def _routes_attention(module: nn.Module) -> bool:

@@ -8,6 +8,7 @@ from torch import nn
 
 from captum_gim.attention import (
     blockwise_attention_backward,
+    sdpa_attention_backward,
     eager_gim_attention,
     gim_attention_forward,
 )
@@ -62,6 +63,25 @@ def test_blockwise_backward_matches_reference(block_elements, mask_kind, tempera
         q, k, v, mask, g, scaling=0.3, causal=causal, temperature=temperature,
         block_elements=block_elements,
     )
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool_padding", "additive", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sdpa_kernel_backward_equals_blockwise(mask_kind, temperature) -> None:
+    q, k, v, g = _qkv()
+    causal = mask_kind == "causal"
+    mask = None
+    if mask_kind == "bool_padding":
+        mask = _causal(9, 9).expand(2, 1, 9, 9).clone()
+        mask[0, :, :, :3] = False
+        mask[0, :, :3, :3] = True  # sdpa kernels need every query to see a key
+    elif mask_kind == "additive":
+        mask = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    settings = dict(scaling=0.3, causal=causal, temperature=temperature)
+    want = blockwise_attention_backward(q, k, v, mask, g, **settings)
+    got = sdpa_attention_backward(q, k, v, mask, g, **settings)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, msg=f"grad of {name}")
 
