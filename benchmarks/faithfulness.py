@@ -89,9 +89,7 @@ _RULES_OFF = GIMConfig.all_rules_off()
 RULES_ALONE: dict[str, GIMConfig] = {
     "GIM: softmax rule alone (T=2)": replace(_RULES_OFF, temperature=2.0),
     "GIM: norm rule alone": replace(_RULES_OFF, freeze_norm=True),
-    "GIM: q/k/v split alone": replace(
-        _RULES_OFF, q_scale=0.25, k_scale=0.25, v_scale=0.5
-    ),
+    "GIM: q/k/v split alone": replace(_RULES_OFF, q_scale=0.25, k_scale=0.25, v_scale=0.5),
     "GIM: gate/up split alone": replace(_RULES_OFF, gate_scale=0.5, up_scale=0.5),
 }
 
@@ -416,9 +414,7 @@ def integrated_gradients(n_steps: int) -> AttributeFn:
 
     def attribute(scorer: nn.Module, model: nn.Module, x: Tensor, xb: Tensor) -> Tensor:
         ig = IntegratedGradients(scorer)
-        return _summed(
-            ig.attribute(x, xb, n_steps=n_steps, internal_batch_size=n_steps)
-        )
+        return _summed(ig.attribute(x, xb, n_steps=n_steps, internal_batch_size=n_steps))
 
     return attribute
 
@@ -449,9 +445,7 @@ def feature_ablation(scorer: nn.Module, model: nn.Module, x: Tensor, xb: Tensor)
     r"""Leave one token out: the drop when the token alone is the baseline token."""
     mask = _token_mask(x)
     fa = FeatureAblation(scorer)
-    return _grouped(
-        fa.attribute(x, xb, feature_mask=mask, perturbations_per_eval=x.shape[1])
-    )
+    return _grouped(fa.attribute(x, xb, feature_mask=mask, perturbations_per_eval=x.shape[1]))
 
 
 def lime(n_samples: int) -> AttributeFn:
@@ -640,9 +634,7 @@ def embeddings_of(bench: Benchmark, prompt: Prompt) -> tuple[Tensor, Tensor]:
     return x, xb
 
 
-def timed_scores(
-    bench: Benchmark, prompt: Prompt, method: Method
-) -> tuple[Tensor, float]:
+def timed_scores(bench: Benchmark, prompt: Prompt, method: Method) -> tuple[Tensor, float]:
     r"""Token scores of one method on one prompt, and the seconds it took."""
     x, xb = embeddings_of(bench, prompt)
     start = time.perf_counter()
@@ -650,9 +642,7 @@ def timed_scores(
     return scores, time.perf_counter() - start
 
 
-def score_prompt(
-    bench: Benchmark, prompt: Prompt, method: Method, record: MethodRecord
-) -> None:
+def score_prompt(bench: Benchmark, prompt: Prompt, method: Method, record: MethodRecord) -> None:
     r"""Attributes one prompt with one method and appends its metrics to ``record``."""
     scores, seconds = timed_scores(bench, prompt, method)
     forward = ids_forward(bench, prompt)
@@ -813,9 +803,7 @@ class SelfRepairRecord:
         r"""Records the three measures of one score type on one prompt."""
         self.precision.setdefault(kind, []).append(precision_at_k(scores, evidence))
         self.evidence_sum.setdefault(kind, []).append(float(scores[list(evidence)].sum()))
-        self.concentration.setdefault(kind, []).append(
-            evidence_concentration(scores, evidence)
-        )
+        self.concentration.setdefault(kind, []).append(evidence_concentration(scores, evidence))
 
 
 ABLATION = "ablation, each token alone"
@@ -883,9 +871,7 @@ def self_repair_study(
     records = []
     for count in EVIDENCE_COUNTS:
         record = SelfRepairRecord(count)
-        examples = make_examples(
-            n_per_count, seed=SELF_REPAIR_SEED + count, num_evidence=count
-        )
+        examples = make_examples(n_per_count, seed=SELF_REPAIR_SEED + count, num_evidence=count)
         for ex in examples:
             prompt = Prompt(
                 torch.tensor([ex.input_ids]),
@@ -1160,9 +1146,7 @@ def _comparison_text(name: str, comparison: PairedComparison) -> str:
     )
 
 
-def self_repair_finding(
-    records: Sequence[SelfRepairRecord], rows: Sequence[SelfRepairRow]
-) -> str:
+def self_repair_finding(records: Sequence[SelfRepairRecord], rows: Sequence[SelfRepairRow]) -> str:
     r"""The finding of the study in sentences, generated from its numbers."""
     by_key = {(r.count, r.score): r for r in rows}
     sentences = []
@@ -1172,9 +1156,7 @@ def self_repair_finding(
         ablation = by_key[(record.count, ABLATION)].share[0]
         gradient = by_key[(record.count, GRADIENT)]
         gim = by_key[(record.count, "GIM")]
-        precision = compare_gim_to_gradient(
-            record.precision["GIM"], record.precision[GRADIENT]
-        )
+        precision = compare_gim_to_gradient(record.precision["GIM"], record.precision[GRADIENT])
         concentration = compare_gim_to_gradient(
             record.concentration["GIM"], record.concentration[GRADIENT]
         )
@@ -1306,9 +1288,7 @@ def cost_sentence(rows: Sequence[Summary]) -> str:
     return f"Wall time of GIM: {ratios}."
 
 
-def self_repair_section(
-    records: Sequence[SelfRepairRecord], rows: Sequence[SelfRepairRow]
-) -> str:
+def self_repair_section(records: Sequence[SelfRepairRecord], rows: Sequence[SelfRepairRow]) -> str:
     r"""The markdown of the self-repair study: setup, two tables, finding."""
     intro = (
         f"{len(records[0].joint_drop)} held-out prompts (`make_examples(n, seed="
@@ -1352,8 +1332,7 @@ def render_section(
         START_MARKER,
         "## Faithfulness of token attributions",
         "",
-        "Written by `benchmarks/faithfulness.py`; regenerate with (from the "
-        "repository root):",
+        "Written by `benchmarks/faithfulness.py`; regenerate with (from the repository root):",
         "",
         f"    {command}",
         "",
@@ -1466,13 +1445,9 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
         bundled_benchmark(settings.n_bundled),
         minilm_benchmark(settings.n_minilm),
     ]
-    results = [
-        (bench, run_benchmark(bench, methods, log, settings.warmup)) for bench in benchmarks
-    ]
+    results = [(bench, run_benchmark(bench, methods, log, settings.warmup)) for bench in benchmarks]
     deeplift = {bench.name: check_deeplift(bench) for bench in benchmarks}
-    repair_records = self_repair_study(
-        benchmarks[0].model, settings.n_self_repair, log
-    )
+    repair_records = self_repair_study(benchmarks[0].model, settings.n_self_repair, log)
     repair_rows = summarize_self_repair(repair_records)
 
     out_dir = settings.out_dir

@@ -77,7 +77,9 @@ def attribution_runner(method: str, model, target: int) -> Callable[[torch.Tenso
             mask = torch.arange(embeds.shape[1], device=embeds.device)[None, :, None]
             with torch.no_grad():
                 return FeatureAblation(forward).attribute(
-                    embeds, target=target, feature_mask=mask.expand_as(embeds),
+                    embeds,
+                    target=target,
+                    feature_mask=mask.expand_as(embeds),
                     perturbations_per_eval=8,
                 )
 
@@ -125,7 +127,10 @@ def measure(method: str, device: str, lengths: list[int], repeats: int, quick: b
         torch.cuda.reset_peak_memory_stats()
     base = _peak_bytes(device)
     for length in lengths:
-        if length > SLOW_METHOD_MAX_LENGTH[device] and method in ("IntegratedGradients-50", "FeatureAblation"):
+        if length > SLOW_METHOD_MAX_LENGTH[device] and method in (
+            "IntegratedGradients-50",
+            "FeatureAblation",
+        ):
             rows.append({"method": method, "length": length, "error": "skipped on this device"})
             continue
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
@@ -155,8 +160,16 @@ def run_all(device: str, lengths: list[int], repeats: int, quick: bool) -> list[
     rows: list[dict] = []
     for method in METHODS:
         command = [
-            sys.executable, __file__, "--worker", method, "--device", device,
-            "--lengths", ",".join(map(str, lengths)), "--repeats", str(repeats),
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--device",
+            device,
+            "--lengths",
+            ",".join(map(str, lengths)),
+            "--repeats",
+            str(repeats),
         ] + (["--quick"] if quick else [])
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:

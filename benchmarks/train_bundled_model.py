@@ -117,9 +117,7 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, last
 
 
-def last_logits(
-    model: LlamaForCausalLM, ids: torch.Tensor, last: torch.Tensor
-) -> torch.Tensor:
+def last_logits(model: LlamaForCausalLM, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     r"""Logits at each prompt's last position (right padding needs no mask)."""
     hidden = model.model(input_ids=ids).last_hidden_state
     return model.lm_head(hidden[torch.arange(len(ids)), last])
@@ -180,9 +178,7 @@ def train(
     model = build_model(task)
     model.train()
     pad = task.token_to_id[PAD_TOKEN]
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98)
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:

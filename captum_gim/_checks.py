@@ -92,8 +92,7 @@ def resolve_model(forward_func: Callable[..., Any], model: nn.Module | None) -> 
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"model must be the nn.Module that gets the GIM rules, got "
-                f"{type(model).__name__}."
+                f"model must be the nn.Module that gets the GIM rules, got {type(model).__name__}."
             )
         return model
     if isinstance(forward_func, nn.Module):
@@ -185,9 +184,7 @@ def eager_calls(model: nn.Module) -> Iterator[None]:
             module._compiled_call_impl = call
 
 
-def checked_forward(
-    forward_func: Callable[..., Any], target: TargetType
-) -> Callable[..., Any]:
+def checked_forward(forward_func: Callable[..., Any], target: TargetType) -> Callable[..., Any]:
     r"""
     Wraps ``forward_func`` so that ``target`` is checked against its output
     right after the forward pass, before Captum selects the target and before
@@ -246,8 +243,7 @@ def check_target(target: TargetType, output: Tensor) -> None:
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex():
             raise TypeError(
-                f"target has dtype {target.dtype}; pass integer indices, e.g. "
-                "target.long()."
+                f"target has dtype {target.dtype}; pass integer indices, e.g. target.long()."
             )
         if target.numel() == 1:
             target = int(target.item())
@@ -337,9 +333,7 @@ def check_float_inputs(inputs: tuple[Tensor, ...], layer_hint: bool = True) -> N
     r"""Raises a clear error for integer (token id) or empty inputs."""
     for index, tensor in enumerate(inputs):
         if not isinstance(tensor, Tensor):
-            raise TypeError(
-                f"inputs[{index}] must be a torch.Tensor, got {type(tensor).__name__}."
-            )
+            raise TypeError(f"inputs[{index}] must be a torch.Tensor, got {type(tensor).__name__}.")
         if not tensor.is_floating_point():
             hint = (
                 " Token ids cannot carry gradients: attribute to the embeddings "
@@ -396,8 +390,7 @@ def check_baselines(
             continue
         if not isinstance(baseline, Tensor):
             raise TypeError(
-                f"baselines[{index}] must be a tensor or a number, got "
-                f"{type(baseline).__name__}."
+                f"baselines[{index}] must be a tensor or a number, got {type(baseline).__name__}."
             )
         if not baseline.is_floating_point():
             raise TypeError(

@@ -183,13 +183,9 @@ def _report(problems: list[str], strict: bool) -> None:
 
 def _norm_site(name: str, module: nn.Module) -> NormSite | None:
     if isinstance(module, nn.LayerNorm):
-        return NormSite(
-            name, module, True, 0.0, module.eps, len(module.normalized_shape)
-        )
+        return NormSite(name, module, True, 0.0, module.eps, len(module.normalized_shape))
     if isinstance(module, nn.RMSNorm):
-        return NormSite(
-            name, module, False, 0.0, module.eps, len(module.normalized_shape)
-        )
+        return NormSite(name, module, False, 0.0, module.eps, len(module.normalized_shape))
     offset = RMS_NORM_CLASSES.get(type(module).__name__)
     if offset is None:
         return None

@@ -53,9 +53,7 @@ class _AttentionSite:
     eager_function: Callable[..., tuple[Tensor, Tensor | None]] | None
 
 
-_sites: weakref.WeakKeyDictionary[nn.Module, _AttentionSite] = (
-    weakref.WeakKeyDictionary()
-)
+_sites: weakref.WeakKeyDictionary[nn.Module, _AttentionSite] = weakref.WeakKeyDictionary()
 _sites_lock = threading.Lock()
 
 
@@ -140,8 +138,15 @@ def gim_attention_forward(
     if site.implementation == "sdpa" and fused_ok:
         is_causal = kwargs.pop("is_causal", None)
         output = _BlockwiseTemperedAttention.apply(
-            query, key, value, attention_mask, module, scaling, is_causal,
-            temperature, kwargs,
+            query,
+            key,
+            value,
+            attention_mask,
+            module,
+            scaling,
+            is_causal,
+            temperature,
+            kwargs,
         )
         return output, None
     return eager_gim_attention(
@@ -414,7 +419,11 @@ def sdpa_attention_backward(
         k_all = repeat_kv(k[:, :, :n_keys], n_rep)
         v_all = repeat_kv(v[:, :, :n_keys], n_rep)
         tempered = attend(
-            q, k_all, v_all, attn_mask=tempered_mask, scale=scaling / temperature,
+            q,
+            k_all,
+            v_all,
+            attn_mask=tempered_mask,
+            scale=scaling / temperature,
             is_causal=causal,
         )
         grad_q, grad_k = torch.autograd.grad(tempered, (q, k), grad_output)

@@ -199,9 +199,7 @@ class GIMAttribution(GradientAttribution):
         inputs_tuple = _format_tensor_into_tuples(inputs)
         check_float_inputs(inputs_tuple)
         baselines_tuple = format_baselines(baselines, inputs_tuple)
-        additional_forward_args = _format_additional_forward_args(
-            additional_forward_args
-        )
+        additional_forward_args = _format_additional_forward_args(additional_forward_args)
         # Detached aliases: the caller's tensors (maybe shared with other
         # threads) keep their requires_grad, and in-place writes by forward_func
         # to a leaf that requires grad are refused by autograd.
@@ -217,9 +215,7 @@ class GIMAttribution(GradientAttribution):
         if self.multiplies_by_inputs:
             attributions = tuple(
                 (tensor - baseline) * gradient
-                for tensor, baseline, gradient in zip(
-                    inputs_tuple, baselines_tuple, gradients
-                )
+                for tensor, baseline, gradient in zip(inputs_tuple, baselines_tuple, gradients)
             )
         else:
             attributions = tuple(gradients)

@@ -65,9 +65,7 @@ class GIMConfig:
                     "GIM default), or 1.0 / None to switch the softmax rule off."
                 )
         if not isinstance(self.freeze_norm, bool):
-            raise TypeError(
-                f"freeze_norm must be True or False, got {self.freeze_norm!r}."
-            )
+            raise TypeError(f"freeze_norm must be True or False, got {self.freeze_norm!r}.")
         for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
             _check_real(name, getattr(self, name))
 

@@ -139,9 +139,7 @@ def frozen_rms_norm(
     return _FrozenNorm.apply(x, y, weight, eps, False, weight_offset, n_dims)
 
 
-def tempered_softmax_backward(
-    scores: Tensor, grad_probs: Tensor, temperature: float
-) -> Tensor:
+def tempered_softmax_backward(scores: Tensor, grad_probs: Tensor, temperature: float) -> Tensor:
     r"""
     Rule 1 on one block of attention rows:
     ``grad_s = p_T * (grad_p - <grad_p, p_T>)`` with ``p_T = softmax(s / T)``.
@@ -174,9 +172,7 @@ class _TemperedSoftmax(torch.autograd.Function):
     def backward(ctx: Any, grad_probs: Tensor) -> tuple[Tensor, None]:
         (scores,) = ctx.saved_tensors
         dtype = rule_dtype(scores)
-        grad = tempered_softmax_backward(
-            scores.to(dtype), grad_probs.to(dtype), ctx.temperature
-        )
+        grad = tempered_softmax_backward(scores.to(dtype), grad_probs.to(dtype), ctx.temperature)
         return grad.to(scores.dtype), None
 
 

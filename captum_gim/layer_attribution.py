@@ -181,12 +181,8 @@ class LayerGIM(LayerGradientXActivation):
         """
         inputs = _format_tensor_into_tuples(inputs)
         check_nonempty_inputs(inputs)
-        additional_forward_args = _format_additional_forward_args(
-            additional_forward_args
-        )
-        with clear_gradient_errors(), gim_rules(
-            self.model, config=self.config, strict=self.strict
-        ):
+        additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        with clear_gradient_errors(), gim_rules(self.model, config=self.config, strict=self.strict):
             layer_gradients, layer_evals = compute_layer_gradients_and_eval(
                 checked_forward(self.forward_func, target),
                 self.layer,
@@ -203,9 +199,7 @@ class LayerGIM(LayerGradientXActivation):
         if self.multiplies_by_inputs:
             attributions = tuple(
                 (activation - baseline) * gradient
-                for activation, baseline, gradient in zip(
-                    layer_evals, baselines, layer_gradients
-                )
+                for activation, baseline, gradient in zip(layer_evals, baselines, layer_gradients)
             )
         else:
             attributions = tuple(layer_gradients)

@@ -325,9 +325,7 @@ def sufficiency(
         tensor([[7.]])
     """
     fractions = list(fractions)
-    if not fractions or not all(
-        isinstance(f, (int, float)) and 0.0 < f < 1.0 for f in fractions
-    ):
+    if not fractions or not all(isinstance(f, (int, float)) and 0.0 < f < 1.0 for f in fractions):
         raise ValueError(
             "fractions must be a non-empty sequence of numbers strictly between 0 and "
             f"1, got {fractions!r}; e.g. pass fractions=(0.5, 0.8, 0.9, 0.95, 0.99)."
@@ -336,10 +334,7 @@ def sufficiency(
     def counts(num_replaceable: int) -> list[int]:
         # The epsilon keeps products such as 0.29 * 100 = 28.999... from rounding
         # down; at least one replaceable token is always kept.
-        return [
-            min(math.floor(f * num_replaceable + 1e-9), num_replaceable - 1)
-            for f in fractions
-        ]
+        return [min(math.floor(f * num_replaceable + 1e-9), num_replaceable - 1) for f in fractions]
 
     return _perturbation_metric(
         forward_func,
@@ -380,9 +375,7 @@ def _perturbation_metric(
         replaceable_mask,
         max_batch_size,
     )
-    replaceable = _replaceable_positions(
-        inputs, attention_mask, replaceable_mask, protect_ends
-    )
+    replaceable = _replaceable_positions(inputs, attention_mask, replaceable_mask, protect_ends)
     empty = (~replaceable.any(dim=1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
@@ -399,14 +392,10 @@ def _perturbation_metric(
     with torch.no_grad():
         for i in range(batch):
             positions = replaceable[i].nonzero().squeeze(1)
-            order = torch.sort(
-                token_scores[i, positions], descending=True, stable=True
-            )[1]
+            order = torch.sort(token_scores[i, positions], descending=True, stable=True)[1]
             # rank[p]: place of token p in the ranking (0 = top), -1 if not replaceable.
             rank = torch.full_like(inputs[i], -1)
-            rank[positions[order]] = torch.arange(
-                positions.numel(), device=inputs.device
-            )
+            rank[positions[order]] = torch.arange(positions.numel(), device=inputs.device)
 
             counts = counts_for(positions.numel())
             count_tensor = torch.tensor(counts, device=inputs.device).unsqueeze(1)
@@ -443,11 +432,7 @@ def _validate(
     max_batch_size: int | None,
 ) -> Tensor:
     """Check the arguments and return per-token attributions of shape (batch, seq)."""
-    if (
-        not isinstance(inputs, Tensor)
-        or inputs.dim() != 2
-        or inputs.is_floating_point()
-    ):
+    if not isinstance(inputs, Tensor) or inputs.dim() != 2 or inputs.is_floating_point():
         raise ValueError(
             "inputs must be a 2D integer tensor of token ids (batch, seq), got "
             f"{_describe(inputs)}; pass the token ids, not embeddings."
@@ -467,9 +452,7 @@ def _validate(
         ("attention_mask", attention_mask),
         ("replaceable_mask", replaceable_mask),
     ):
-        if mask is not None and (
-            not isinstance(mask, Tensor) or mask.shape != inputs.shape
-        ):
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != inputs.shape):
             raise ValueError(
                 f"{name} must have the shape of inputs {tuple(inputs.shape)}, got "
                 f"{_describe(mask)}."
@@ -479,12 +462,8 @@ def _validate(
             f"baseline_token_id must be an int token id, got {baseline_token_id!r}; "
             "e.g. pass tokenizer.convert_tokens_to_ids(' ') or the id of the space token."
         )
-    if max_batch_size is not None and (
-        not isinstance(max_batch_size, int) or max_batch_size < 1
-    ):
-        raise ValueError(
-            f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}."
-        )
+    if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}.")
     if attributions.dim() == 3:
         attributions = attributions.sum(dim=-1)
     return attributions.detach().to(inputs.device)
@@ -579,9 +558,7 @@ def _run_rows(
         if attention_mask is not None:
             mask = attention_mask[index : index + 1].expand(n, -1)
             kwargs["attention_mask"] = mask.contiguous()
-        output = forward_func(
-            chunk_rows, *_example_args(extra_args, index, batch, n), **kwargs
-        )
+        output = forward_func(chunk_rows, *_example_args(extra_args, index, batch, n), **kwargs)
         if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != n:
             raise ValueError(
                 f"forward_func must return a tensor with one row per input row ({n}), got "

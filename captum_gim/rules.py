@@ -131,9 +131,7 @@ def gim_rules(
         yield settings
 
 
-def install_rules(
-    stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig
-) -> None:
+def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig) -> None:
     r"""
     Installs the hooks of every rule that ``config`` switches on; ``stack``
     owns their removal.
@@ -246,9 +244,7 @@ def _scale_output_hook(
     return hook
 
 
-def _scale_fused_base_hook(
-    name: str, gate_scale: float, up_scale: float
-) -> Callable[..., None]:
+def _scale_fused_base_hook(name: str, gate_scale: float, up_scale: float) -> Callable[..., None]:
     """Scales the gradient of the fused gate/up tensor that ``act_fn`` reads from.
 
     The experts functions of transformers compute one fused projection and pass

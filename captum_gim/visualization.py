@@ -156,9 +156,7 @@ def _decode_token(token: str) -> str:
     if token.startswith("##") and len(token) > 2:  # WordPiece continuation
         return token[2:]
     token = _BYTE_TOKEN.sub(
-        lambda m: (
-            chr(int(m.group(1), 16)) if int(m.group(1), 16) < 0x80 else m.group(0)
-        ),
+        lambda m: chr(int(m.group(1), 16)) if int(m.group(1), 16) < 0x80 else m.group(0),
         token,
     )
     for marker, text in _MARKERS.items():
@@ -281,9 +279,7 @@ def _plot_rows(
     title_h = 2.6 * em if title else 0.0
     cbar_h = 0.12
     bottom_h = 0.2 + cbar_h + 3.2 * em
-    rows_h = [
-        (label_h if label else 0.0) + layout.n_lines * line_h for label, _ in rows
-    ]
+    rows_h = [(label_h if label else 0.0) + layout.n_lines * line_h for label, _ in rows]
     fig_w = width_in + 2 * _MARGIN_IN
     fig_h = _TOP_IN + title_h + sum(rows_h) + _ROW_GAP_IN * (len(rows) - 1) + bottom_h
     fig = Figure(figsize=(fig_w, fig_h))
@@ -399,9 +395,7 @@ def plot_token_heatmap(
     colormap = _colormap(cmap)
     if ax is None:
         layout = _layout_tokens(tokens, wrap_width or _DEFAULT_WRAP_WIDTH)
-        return _plot_rows(
-            layout, [(None, values)], norm, colormap, fontsize, title, "Attribution"
-        )
+        return _plot_rows(layout, [(None, values)], norm, colormap, fontsize, title, "Attribution")
     fig = _root_figure(ax)
     char_w = _char_width_in(fontsize)
     if wrap_width is None:
@@ -411,9 +405,7 @@ def plot_token_heatmap(
     _draw_tokens(ax, layout, values, norm, colormap, fontsize)
     if title:
         ax.set_title(title, fontsize=1.2 * fontsize, fontweight="bold")
-    cbar = fig.colorbar(
-        ScalarMappable(norm, colormap), ax=ax, orientation="horizontal", shrink=0.6
-    )
+    cbar = fig.colorbar(ScalarMappable(norm, colormap), ax=ax, orientation="horizontal", shrink=0.6)
     cbar.set_label("Attribution")
     # Keep the proportions of text (an x unit is a character, a y unit is a line), with
     # the text at the top of the axes.
@@ -578,19 +570,13 @@ def plot_token_matrix(
     if annotate is None:
         annotate = data.size <= _MAX_ANNOTATED_CELLS
     x_labels = [_shorten(_format_token(t), _MAX_TICK_LABEL_CHARS) for t in input_tokens]
-    y_labels = [
-        _shorten(_format_token(t), _MAX_TICK_LABEL_CHARS) for t in output_tokens
-    ]
+    y_labels = [_shorten(_format_token(t), _MAX_TICK_LABEL_CHARS) for t in output_tokens]
 
     if ax is None:
         em = fontsize / 72
         char_w = 0.62 * em  # a generous average width of the sans-serif tick labels
         cell_h = max(1.8 * em, 0.2)
-        cell_w = (
-            max(cell_h, (len(format(-norm.vmax, fmt)) + 1) * char_w)
-            if annotate
-            else cell_h
-        )
+        cell_w = max(cell_h, (len(format(-norm.vmax, fmt)) + 1) * char_w) if annotate else cell_h
         left = 0.5 + char_w * max(_cells(s) for s in y_labels)
         bottom = 0.6 + char_w * max(_cells(s) for s in x_labels)
         width = max(4.0, left + cell_w * data.shape[1] + 1.4)
@@ -599,12 +585,8 @@ def plot_token_matrix(
         ax = fig.add_subplot()
     else:
         fig = _root_figure(ax)
-    image = ax.imshow(
-        data, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest"
-    )
-    ax.set_xticks(
-        np.arange(data.shape[1]), labels=x_labels, rotation=90, fontsize=fontsize
-    )
+    image = ax.imshow(data, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(data.shape[1]), labels=x_labels, rotation=90, fontsize=fontsize)
     ax.set_yticks(np.arange(data.shape[0]), labels=y_labels, fontsize=fontsize)
     ax.set_xlabel("Prompt token", fontsize=fontsize)
     ax.set_ylabel("Generated token", fontsize=fontsize)
@@ -626,9 +608,7 @@ def plot_token_matrix(
     return fig
 
 
-def save_figure(
-    fig: Figure, path: str | os.PathLike[str], *, dpi: float | None = None
-) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float | None = None) -> Path:
     r"""
     Saves a figure as PNG, SVG, PDF or a self-contained HTML page, chosen by suffix.
 

@@ -121,6 +121,7 @@ def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
             add(module.gate_proj, lambda m, a, out: scaled(out, config.gate_scale))
             add(module.up_proj, lambda m, a, out: scaled(out, config.up_scale))
         if name == "Phi3MLP":
+
             def fused(m: nn.Module, a: tuple, out: Tensor) -> Tensor:
                 gate, up = out.chunk(2, dim=-1)
                 return torch.cat([scaled(gate, config.gate_scale), scaled(up, config.up_scale)], -1)

@@ -8,9 +8,9 @@ from torch import nn
 
 from captum_gim.attention import (
     blockwise_attention_backward,
-    sdpa_attention_backward,
     eager_gim_attention,
     gim_attention_forward,
+    sdpa_attention_backward,
 )
 
 
@@ -60,7 +60,14 @@ def test_blockwise_backward_matches_reference(block_elements, mask_kind, tempera
     reference_mask = _causal(9, 9) if causal else mask
     want = _reference_grads(q, k, v, reference_mask, g, 0.3, temperature)
     got = blockwise_attention_backward(
-        q, k, v, mask, g, scaling=0.3, causal=causal, temperature=temperature,
+        q,
+        k,
+        v,
+        mask,
+        g,
+        scaling=0.3,
+        causal=causal,
+        temperature=temperature,
         block_elements=block_elements,
     )
     for name, a, b in zip("qkv", got, want):

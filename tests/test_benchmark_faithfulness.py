@@ -113,9 +113,7 @@ def test_figures_are_png_files(fast_run) -> None:
 def test_self_repair_covers_every_evidence_count_and_score(fast_run, bench) -> None:
     keys = {(row.count, row.score) for row in fast_run.self_repair}
     assert keys == {
-        (count, score)
-        for count in bench.EVIDENCE_COUNTS
-        for score in bench.SELF_REPAIR_SCORES
+        (count, score) for count in bench.EVIDENCE_COUNTS for score in bench.SELF_REPAIR_SCORES
     }
     for row in fast_run.self_repair:
         assert all(math.isfinite(v) for v in (*row.precision, *row.share, *row.concentration))

@@ -45,8 +45,15 @@ def test_non_numbers_are_refused() -> None:
 
 
 def test_config_and_changed_keywords_together_are_refused() -> None:
-    defaults = {"temperature": 2.0, "freeze_norm": True, "q_scale": 0.25, "k_scale": 0.25,
-                "v_scale": 0.5, "gate_scale": 0.5, "up_scale": 0.5}
+    defaults = {
+        "temperature": 2.0,
+        "freeze_norm": True,
+        "q_scale": 0.25,
+        "k_scale": 0.25,
+        "v_scale": 0.5,
+        "gate_scale": 0.5,
+        "up_scale": 0.5,
+    }
     config = GIMConfig(temperature=3.0)
     assert GIMConfig.resolve(config, **defaults) is config
     with pytest.raises(ValueError, match=r"\['q_scale'\]"):

@@ -80,7 +80,9 @@ def test_frozen_norm_over_two_trailing_dims() -> None:
     torch.testing.assert_close(got, expected)
 
 
-def _tempered_reference(scores: torch.Tensor, upstream: torch.Tensor, temperature: float) -> torch.Tensor:
+def _tempered_reference(
+    scores: torch.Tensor, upstream: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T times the derivative of softmax(s / T): the 1/T factor the rule drops, put back."""
     s = scores.detach().clone().requires_grad_()
     return temperature * _grad(torch.softmax(s / temperature, -1), s, upstream)
@@ -109,7 +111,9 @@ def test_masked_keys_get_zero_tempered_probability() -> None:
     upstream = torch.randn(3, 6, dtype=torch.float64)
     grad = tempered_softmax_backward(scores, upstream, 2.0)
     assert torch.all(grad[:, 4:] == 0)
-    torch.testing.assert_close(grad[:, :4], _tempered_reference(scores[:, :4], upstream[:, :4], 2.0))
+    torch.testing.assert_close(
+        grad[:, :4], _tempered_reference(scores[:, :4], upstream[:, :4], 2.0)
+    )
 
 
 def test_fully_masked_row_gets_zero_gradient() -> None:

@@ -29,6 +29,7 @@ def test_layer_baselines_are_subtracted() -> None:
     model = FAMILY_BY_NAME["llama"].build("sdpa")
     layer = model.get_input_embeddings()
     ids = sample_ids()
+
     def logits(input_ids):
         return model(input_ids).logits
 

@@ -29,9 +29,7 @@ class LinearModel:
         self.weights = weights
         self.calls: list[Tensor] = []
 
-    def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None
-    ) -> Tensor:
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         self.calls.append(input_ids.clone())
         values = self.weights[input_ids]
         if attention_mask is not None:
@@ -72,9 +70,7 @@ def test_sufficiency_curve_matches_hand_computed_drops() -> None:
 
 def test_sufficiency_fraction_rounds_down_and_keeps_one_token() -> None:
     ids = torch.tensor([[1] + list(range(1, 11)) * 2 + [1]])  # 20 replaceable tokens
-    result = sufficiency(
-        LinearModel(), ids, oracle(ids), BASELINE, fractions=(0.29, 0.95, 0.999)
-    )
+    result = sufficiency(LinearModel(), ids, oracle(ids), BASELINE, fractions=(0.29, 0.95, 0.999))
     assert result.num_replaced.tolist() == [[5, 19, 19]]
 
 
@@ -243,9 +239,7 @@ def test_oracle_attributions_beat_random_ones_on_linear_model() -> None:
     suff_oracle = sufficiency(model, ids, best, BASELINE).aopc
     for _ in range(3):
         random = torch.rand(ids.shape, generator=generator)
-        assert (
-            comprehensiveness(model, ids, random, BASELINE).aopc <= comp_oracle
-        ).all()
+        assert (comprehensiveness(model, ids, random, BASELINE).aopc <= comp_oracle).all()
         assert (sufficiency(model, ids, random, BASELINE).aopc >= suff_oracle).all()
     worst = -best
     assert (comprehensiveness(model, ids, worst, BASELINE).aopc < comp_oracle).all()
@@ -283,7 +277,7 @@ def test_bad_arguments_raise_clear_errors(
 def test_fractions_outside_open_unit_interval_are_rejected(
     fractions: tuple[float, ...],
 ) -> None:
-    with pytest.raises(ValueError, match="fractions must be .* strictly between 0 and"):
+    with pytest.raises(ValueError, match=r"fractions must be .* strictly between 0 and"):
         sufficiency(LinearModel(), IDS, oracle(IDS), BASELINE, fractions=fractions)
 
 
@@ -291,9 +285,7 @@ def test_example_without_replaceable_token_is_rejected() -> None:
     ids = torch.tensor([[1, 9, 5, 2], [PAD, PAD, 1, 3]])
     mask = (ids != PAD).long()
     with pytest.raises(ValueError, match="Example 1 has no replaceable token"):
-        comprehensiveness(
-            LinearModel(), ids, oracle(ids), BASELINE, attention_mask=mask
-        )
+        comprehensiveness(LinearModel(), ids, oracle(ids), BASELINE, attention_mask=mask)
 
 
 def test_forward_output_with_several_scores_per_row_is_rejected() -> None:
@@ -332,9 +324,7 @@ def test_tiny_llama_runs_and_first_step_matches_manual_replacement() -> None:
         attention_mask=mask,
         max_steps=5,
     )
-    suff = sufficiency(
-        logits, ids, attributions, BASELINE, target=target, attention_mask=mask
-    )
+    suff = sufficiency(logits, ids, attributions, BASELINE, target=target, attention_mask=mask)
 
     assert comp.curve.shape == (2, 5) and suff.curve.shape == (2, 5)
     assert torch.isfinite(comp.curve).all() and torch.isfinite(suff.curve).all()

@@ -73,9 +73,7 @@ def _case(draw: st.DrawFn) -> dict:
         "batch-1": torch.randn((1, *shape[1:]), generator=generator),
         "full": torch.randn(shape, generator=generator),
     }[kind]
-    return dict(
-        model=_model(name, implementation), ids=ids, target=target, baseline=baseline
-    )
+    return dict(model=_model(name, implementation), ids=ids, target=target, baseline=baseline)
 
 
 def _difference(inputs: torch.Tensor, baseline: object) -> torch.Tensor:
@@ -182,7 +180,9 @@ def test_any_valid_settings_give_finite_deterministic_results(
 
 @PROPERTY
 @given(
-    setting=st.sampled_from(["temperature", "q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"]),
+    setting=st.sampled_from(
+        ["temperature", "q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"]
+    ),
     value=st.one_of(
         st.sampled_from([math.nan, math.inf, -math.inf]),
         st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),

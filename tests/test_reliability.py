@@ -57,8 +57,13 @@ def _snapshot(model: nn.Module) -> dict:
         "training": [m.training for m in model.modules()],
         "compiled": [m.__dict__.get("_compiled_call_impl") for m in model.modules()],
         "parameters": {
-            name: (p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone(),
-                   p._version, p._backward_hooks)
+            name: (
+                p.detach().clone(),
+                p.requires_grad,
+                None if p.grad is None else p.grad.clone(),
+                p._version,
+                p._backward_hooks,
+            )
             for name, p in model.named_parameters()
         },
         "buffers": {name: b.clone() for name, b in model.named_buffers()},
@@ -216,7 +221,12 @@ def _reference(name: str, implementation: str):
     if (name, implementation) not in _REFERENCES:
         model = _prepare(FAMILY_BY_NAME[name].build(implementation))
         embeds = model.get_input_embeddings()(sample_ids()).detach()
-        _REFERENCES[name, implementation] = (model, embeds, _gim(model, embeds), _plain(model, embeds))
+        _REFERENCES[name, implementation] = (
+            model,
+            embeds,
+            _gim(model, embeds),
+            _plain(model, embeds),
+        )
     return _REFERENCES[name, implementation]
 
 
@@ -225,7 +235,9 @@ def _reference(name: str, implementation: str):
     CASES,
     ids=[f"{f.__name__.removeprefix('_fault_')}-{n}-{i}" for f, n, i in CASES],
 )
-def test_model_left_exactly_as_it_was_after_a_fault(fault, name, implementation, monkeypatch) -> None:
+def test_model_left_exactly_as_it_was_after_a_fault(
+    fault, name, implementation, monkeypatch
+) -> None:
     model, embeds, gim_before, plain_before = _reference(name, implementation)
     before = _snapshot(model)
     run, error, cleanup = fault(model, embeds, monkeypatch)
@@ -260,7 +272,9 @@ def test_callers_tensors_are_never_modified() -> None:
     for inputs in (leaf, leaf_requiring_grad, non_leaf):
         got = gim.attribute(inputs, baselines=baseline, target=target, additional_forward_args=mask)
         assert torch.isfinite(got).all()
-    layer = LayerGIM(lambda i, m: model(i, attention_mask=m).logits[:, -1], model.get_input_embeddings(), model)
+    layer = LayerGIM(
+        lambda i, m: model(i, attention_mask=m).logits[:, -1], model.get_input_embeddings(), model
+    )
     layer.attribute(ids, target=target, additional_forward_args=mask, layer_baselines=baseline)
     for tensor, (value, version, requires_grad, grad_fn, is_leaf) in zip(tensors, state):
         assert torch.equal(tensor, value) and tensor._version == version
@@ -330,7 +344,12 @@ def test_shared_input_tensor_across_threads() -> None:
 
 def test_threads_mixing_methods_families_and_plain_gradients() -> None:
     llama = FAMILY_BY_NAME["llama"]
-    models = [llama.build("sdpa"), llama.build("eager"), FAMILY_BY_NAME["gpt2"].build("sdpa"), llama.build("sdpa")]
+    models = [
+        llama.build("sdpa"),
+        llama.build("eager"),
+        FAMILY_BY_NAME["gpt2"].build("sdpa"),
+        llama.build("sdpa"),
+    ]
     ids = sample_ids(length=12)
 
     def job(index: int) -> torch.Tensor:
@@ -339,8 +358,14 @@ def test_threads_mixing_methods_families_and_plain_gradients() -> None:
         if index == 0:
             return _gim(model, embeds, temperature=2.0)
         if index == 1:
-            layer = LayerGIM(lambda i: model(i).logits[:, -1], model.get_input_embeddings(), model,
-                             temperature=3.0, q_scale=1.0, freeze_norm=False)
+            layer = LayerGIM(
+                lambda i: model(i).logits[:, -1],
+                model.get_input_embeddings(),
+                model,
+                temperature=3.0,
+                q_scale=1.0,
+                freeze_norm=False,
+            )
             return layer.attribute(ids, target=[3, 4])
         if index == 2:
             return _gim(model, embeds, config=GIMConfig(gate_scale=1.0, v_scale=0.3))
@@ -477,7 +502,9 @@ def test_empty_token_dimension_of_embeddings_is_refused(llama) -> None:
 
 def test_baseline_of_another_dtype_or_device_is_named(llama, embeds) -> None:
     gim = GIMAttribution(logits_of(llama), llama)
-    with pytest.raises(TypeError, match=r"baselines\[0\] has dtype torch.float64 .*\.to\(torch.float32\)"):
+    with pytest.raises(
+        TypeError, match=r"baselines\[0\] has dtype torch.float64 .*\.to\(torch.float32\)"
+    ):
         gim.attribute(embeds, baselines=torch.zeros(2, 7, 32, dtype=torch.float64), target=3)
     with pytest.raises(ValueError, match=r"baselines\[0\] is on meta"):
         gim.attribute(embeds, baselines=torch.zeros(2, 7, 32, device="meta"), target=3)
@@ -589,7 +616,9 @@ def test_compiled_wrapper_only_as_model_is_refused() -> None:
         with gim_rules(compiled):
             pass
     model.model.layers[1] = torch.compile(model.model.layers[1], backend="eager")
-    with pytest.raises(TypeError, match=r"Submodule 'model.layers.1' of model is a torch.compile'd"):
+    with pytest.raises(
+        TypeError, match=r"Submodule 'model.layers.1' of model is a torch.compile'd"
+    ):
         with gim_rules(model):
             pass
     assert not rules._active_modules
@@ -641,7 +670,9 @@ def test_reentrant_gradient_checkpointing_says_why_not() -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     before = _snapshot(model)
-    with pytest.raises(RuntimeError, match=r"reentrant gradient checkpointing .*use_reentrant': False"):
+    with pytest.raises(
+        RuntimeError, match=r"reentrant gradient checkpointing .*use_reentrant': False"
+    ):
         _gim(model, embeds)
     _assert_same(before, _snapshot(model))
 
@@ -656,9 +687,9 @@ def _call_ig(model, embeds):
 
 def _call_layer(model, embeds):
     ids = sample_ids()
-    return LayerGIM(lambda i: model(i).logits[:, -1], model.get_input_embeddings(), model).attribute(
-        ids, target=[3, 9]
-    )
+    return LayerGIM(
+        lambda i: model(i).logits[:, -1], model.get_input_embeddings(), model
+    ).attribute(ids, target=[3, 9])
 
 
 @pytest.mark.parametrize(

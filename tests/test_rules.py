@@ -74,7 +74,9 @@ def test_rules_act_only_inside_the_block() -> None:
     with gim_rules(model):
         ruled = saliency.attribute(embeds, target=3, abs=False)
     after = saliency.attribute(embeds, target=3, abs=False)
-    gim = GIMAttribution(logits_of(model), model, multiply_by_inputs=False).attribute(embeds, target=3)
+    gim = GIMAttribution(logits_of(model), model, multiply_by_inputs=False).attribute(
+        embeds, target=3
+    )
     torch.testing.assert_close(ruled, gim, rtol=0, atol=0)
     torch.testing.assert_close(after, plain, rtol=0, atol=0)
     assert not torch.allclose(ruled, plain)
@@ -154,9 +156,9 @@ def test_plain_model_without_attention_is_supported() -> None:
 
 def _gradient(model: nn.Module, embeds: torch.Tensor, **settings) -> torch.Tensor:
     if settings.pop("gim"):
-        return GIMAttribution(logits_of(model), model, multiply_by_inputs=False, **settings).attribute(
-            embeds, target=3
-        )
+        return GIMAttribution(
+            logits_of(model), model, multiply_by_inputs=False, **settings
+        ).attribute(embeds, target=3)
     return Saliency(logits_of(model)).attribute(embeds, target=3, abs=False)
 
 
@@ -164,7 +166,11 @@ def test_threads_with_different_settings_get_their_single_threaded_results() -> 
     family = FAMILY_BY_NAME["llama"]
     models = [family.build("sdpa"), family.build("sdpa"), family.build("sdpa")]
     embeds = models[0].get_input_embeddings()(sample_ids(length=24)).detach()
-    jobs = [dict(gim=True, temperature=2.0), dict(gim=True, temperature=5.0, q_scale=1.0), dict(gim=False)]
+    jobs = [
+        dict(gim=True, temperature=2.0),
+        dict(gim=True, temperature=5.0, q_scale=1.0),
+        dict(gim=False),
+    ]
     expected = [_gradient(model, embeds, **dict(job)) for model, job in zip(models, jobs)]
     results: dict[int, list[torch.Tensor]] = {i: [] for i in range(3)}
 

@@ -30,7 +30,9 @@ OBJECT_GROWTH_BOUND = 2_000
 
 def _hooks(model: nn.Module) -> int:
     per_module = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
         + len(m._backward_pre_hooks)
         for m in model.modules()
     )
@@ -62,7 +64,9 @@ def _one_call(model: nn.Module, rng: random.Random) -> None:
     if rng.random() < 0.5:
         target = [rng.randrange(VOCAB) for _ in range(batch)]
     if kind < 0.55:
-        baseline = rng.choice([None, 0.5, torch.randn(1, length, 32), torch.randn(batch, length, 32)])
+        baseline = rng.choice(
+            [None, 0.5, torch.randn(1, length, 32), torch.randn(batch, length, 32)]
+        )
         temperature = rng.choice([1.0, 2.0, 4.0])
         GIMAttribution(forward, model, temperature=temperature).attribute(
             embeds, baselines=baseline, target=target
@@ -121,6 +125,9 @@ def test_ten_thousand_attributions_without_growth() -> None:
     warm = next(c for c in checkpoints if c["call"] == WARM_UP)
     last = checkpoints[-1]
     assert last["rss"] - warm["rss"] < RSS_GROWTH_BOUND, (warm["rss"], last["rss"])
-    assert last["objects"] - warm["objects"] < OBJECT_GROWTH_BOUND, (warm["objects"], last["objects"])
+    assert last["objects"] - warm["objects"] < OBJECT_GROWTH_BOUND, (
+        warm["objects"],
+        last["objects"],
+    )
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, parameters[name]) and parameter.grad is None, name

@@ -37,12 +37,7 @@ def _long_text(n: int) -> list[str]:
 
 def _token_boxes(fig: Figure) -> list:
     """The token rectangles of every row, in drawing order."""
-    return [
-        p
-        for ax in fig.axes
-        for p in ax.patches
-        if (p.get_gid() or "").startswith("token-")
-    ]
+    return [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("token-")]
 
 
 def _lines_of(fig: Figure) -> set[float]:
@@ -176,9 +171,7 @@ def test_normalize_makes_each_method_span_its_own_scale() -> None:
     fig = plot_methods_side_by_side(TOKENS, {"a": values, "b": 100 * values})
     small, large = ([p.get_facecolor() for p in ax.patches] for ax in fig.axes[:2])
     assert small == large
-    shared = plot_methods_side_by_side(
-        TOKENS, {"a": values, "b": 100 * values}, normalize=False
-    )
+    shared = plot_methods_side_by_side(TOKENS, {"a": values, "b": 100 * values}, normalize=False)
     small, large = ([p.get_facecolor() for p in ax.patches] for ax in shared.axes[:2])
     assert small != large
     assert shared.axes[-1].get_xlim() == pytest.approx((-90.0, 90.0))

@@ -10,7 +10,13 @@ import transformers
 from torch import Tensor, nn
 
 VOCAB = 64
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, initializer_range=0.2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    initializer_range=0.2,
+)
 DECODER = dict(COMMON, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64)
 
 
@@ -61,10 +67,22 @@ FAMILIES = [
         "gemma2",
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        dict(DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=10.0),
+        dict(
+            DECODER,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+        ),
         implementations=("eager",),  # transformers has no sdpa for soft-capped attention
     ),
-    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", dict(DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)),
+    Family(
+        "gemma3",
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+    ),
     Family("phi3", "Phi3Config", "Phi3ForCausalLM", dict(DECODER, pad_token_id=0)),
     Family(
         "mixtral",
@@ -76,16 +94,35 @@ FAMILIES = [
         "qwen2_moe",
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
-        dict(DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40),
+        dict(
+            DECODER,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+        ),
     ),
-    Family("gpt2", "GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)),
+    Family(
+        "gpt2",
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2
+        ),
+    ),
     Family(
         "gpt_neox",
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
         dict(COMMON, intermediate_size=48, max_position_embeddings=64, rotary_pct=0.5),
     ),
-    Family("bert", "BertConfig", "BertForMaskedLM", dict(COMMON, intermediate_size=48, max_position_embeddings=64), causal=False),
+    Family(
+        "bert",
+        "BertConfig",
+        "BertForMaskedLM",
+        dict(COMMON, intermediate_size=48, max_position_embeddings=64),
+        causal=False,
+    ),
     Family(
         "roberta",
         "RobertaConfig",
@@ -115,7 +152,9 @@ class PlainMLPModel(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = hidden + self.mlp(self.norm(hidden))
         return self.head(self.final_norm(hidden))

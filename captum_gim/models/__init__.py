@@ -59,9 +59,7 @@ def available_models() -> list[str]:
         True
     """
     return sorted(
-        p.name
-        for p in _MODELS_DIR.iterdir()
-        if p.is_dir() and (p / "config.json").is_file()
+        p.name for p in _MODELS_DIR.iterdir() if p.is_dir() and (p / "config.json").is_file()
     )
 
 
@@ -127,11 +125,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(name)
-    kwargs = (
-        {}
-        if attn_implementation is None
-        else {"attn_implementation": attn_implementation}
-    )
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

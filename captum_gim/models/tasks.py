@@ -236,9 +236,7 @@ class RedundantEvidenceTask:
             evidence_positions=tuple(s + 1 for s in slots),
         )
 
-    def make_examples(
-        self, n: int, seed: int, num_evidence: int | None = None
-    ) -> list[Example]:
+    def make_examples(self, n: int, seed: int, num_evidence: int | None = None) -> list[Example]:
         r"""
         Draws ``n`` prompts reproducibly.
 
