@@ -17,6 +17,7 @@ from captum_gim.architectures import (
     GatedMLPSite,
     NormSite,
     RuleSites,
+    UnsupportedModuleError,
     find_rule_sites,
 )
 from captum_gim.attention import route_attention
@@ -197,13 +198,37 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
         x = args[0]
         if not torch.is_grad_enabled() or not x.requires_grad:
             return None
+        x = x.to(output.device)  # accelerate moves inputs only inside forward
         eps = site.eps if site.eps is not None else torch.finfo(x.dtype).eps
-        weight = getattr(module, "weight", None)
+        weight = _weight_in_use(module, output.device)
         if site.centered:
             return frozen_layer_norm(x, output, weight, eps, site.n_dims)
         return frozen_rms_norm(x, output, weight, eps, site.weight_offset, site.n_dims)
 
     return hook
+
+
+def _weight_in_use(module: nn.Module, device: torch.device) -> Tensor | None:
+    """The norm's weight as its forward used it.
+
+    accelerate's offloading (``cpu_offload``, disk or CPU ``device_map`` entries)
+    loads weights for the forward call only and leaves them on the meta device
+    afterwards, when forward hooks run; the weight then comes from the weights
+    map of the module's accelerate hook.
+    """
+    weight = getattr(module, "weight", None)
+    if weight is None or not weight.is_meta:
+        return weight
+    accelerate_hook = getattr(module, "_hf_hook", None)
+    for hook in (*getattr(accelerate_hook, "hooks", ()), accelerate_hook):
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is not None and "weight" in weights_map:
+            return weights_map["weight"].to(device)
+    raise UnsupportedModuleError(
+        f"The weight of {type(module).__name__} is on the meta device and no "
+        "accelerate weights map holds it; GIM cannot freeze its statistic. Load "
+        "the model's weights, or pass freeze_norm=False."
+    )
 
 
 def _install_gated_mlp_rule(
