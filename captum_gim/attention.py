@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 import threading
 import weakref
@@ -29,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.modeling_utils import AttentionInterface
 
 from captum_gim.config import GIMConfig
 from captum_gim.functional import (
@@ -78,6 +78,7 @@ def route_attention(module: nn.Module, config: GIMConfig) -> Iterator[None]:
                     ``ALL_ATTENTION_FUNCTIONS.get_interface``.
         config (GIMConfig): The rule settings.
     """
+    register_gim_attention()
     implementation = attention_implementation(module) or "eager"
     own_config = module.config
     routed_config = copy.copy(own_config)
@@ -464,4 +465,11 @@ def _restore_layout(grad: Tensor, batch: int, like: Tensor) -> Tensor:
     return grad.to(like.dtype)
 
 
-AttentionInterface.register(GIM_ATTENTION, gim_attention_forward)
+@functools.cache
+def register_gim_attention() -> None:
+    r"""Registers :func:`gim_attention_forward` as ``"captum_gim"`` in transformers'
+    AttentionInterface (once; importing transformers' modeling code is slow, so
+    this waits for the first model routed)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(GIM_ATTENTION, gim_attention_forward)

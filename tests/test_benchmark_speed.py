@@ -1,0 +1,28 @@
+"""benchmarks/speed.py in quick mode, in process, so the script cannot rot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+speed = pytest.importorskip("speed")
+
+
+def test_quick_measurements_and_table(tmp_path) -> None:
+    rows = []
+    for method in ("InputXGradient", "GIM", "gim-explain"):
+        rows += speed.measure(method, "cpu", [16, 32], repeats=1, quick=True)
+    gim = [row for row in rows if row["method"] == "GIM"]
+    assert [row["length"] for row in gim] == [16, 32]
+    assert all(row["seconds"] > 0 for row in gim)
+    markdown = speed.table(rows, [16, 32])
+    assert "| GIM | 32 |" in markdown and "x |" in markdown
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
+    speed.write_section("first", "cpu", results)
+    speed.write_section("second", "cpu", results)
+    text = results.read_text()
+    assert "kept" in text and "second" in text and "first" not in text
