@@ -32,8 +32,11 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 LENGTHS = (128, 512, 1024, 2048, 4096)
 METHODS = ("InputXGradient", "GIM", "IntegratedGradients-50", "FeatureAblation", "gim-explain")
-# Methods that cost O(steps) or O(tokens) passes are run only up to this length on CPU.
-SLOW_METHOD_MAX_LENGTH = {"cpu": 512, "cuda": 4096}
+# Methods that cost O(steps) or O(tokens) passes run only up to these lengths on a CPU.
+SLOW_METHOD_MAX_LENGTH = {
+    "cpu": {"IntegratedGradients-50": 512, "FeatureAblation": 128},
+    "cuda": {},
+}
 
 
 def build_model(device: str, dtype: torch.dtype = torch.float32, quick: bool = False):
@@ -127,10 +130,7 @@ def measure(method: str, device: str, lengths: list[int], repeats: int, quick: b
         torch.cuda.reset_peak_memory_stats()
     base = _peak_bytes(device)
     for length in lengths:
-        if length > SLOW_METHOD_MAX_LENGTH[device] and method in (
-            "IntegratedGradients-50",
-            "FeatureAblation",
-        ):
+        if length > SLOW_METHOD_MAX_LENGTH[device].get(method, length):
             rows.append({"method": method, "length": length, "error": "skipped on this device"})
             continue
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
@@ -154,6 +154,47 @@ def measure(method: str, device: str, lengths: list[int], repeats: int, quick: b
             }
         )
     return rows
+
+
+def throughput(device: str, batch_sizes: list[int], length: int, quick: bool) -> list[dict]:
+    """Tokens per second of InputXGradient and GIM by batch size, in this process."""
+    model = build_model(device, quick=quick)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for batch in batch_sizes:
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+        embeds = model.get_input_embeddings()(ids.to(device)).detach()
+        for method in ("InputXGradient", "GIM"):
+            run = attribution_runner(method, model, target=7)
+            run(embeds)  # warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(embeds)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append(
+                {"method": method, "batch": batch, "tokens_per_s": batch * length / seconds}
+            )
+    return rows
+
+
+def throughput_table(rows: list[dict], length: int) -> str:
+    lines = [
+        f"Throughput at {length} tokens per example, by batch size "
+        "(one timed run after a warm-up):",
+        "",
+        "| batch | InputXGradient tokens/s | GIM tokens/s | GIM time / InputXGradient |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for batch in sorted({row["batch"] for row in rows}):
+        speed = {r["method"]: r["tokens_per_s"] for r in rows if r["batch"] == batch}
+        lines.append(
+            f"| {batch} | {speed['InputXGradient']:.0f} | {speed['GIM']:.0f} | "
+            f"{speed['InputXGradient'] / speed['GIM']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def run_all(device: str, lengths: list[int], repeats: int, quick: bool) -> list[dict]:
@@ -235,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--batch-sizes", default="1,2,4,8", help="for the throughput table")
+    parser.add_argument("--batch-length", type=int, default=512)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -243,14 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(args.worker, args.device, lengths, args.repeats, args.quick)))
         return 0
+    batch_sizes = [int(n) for n in args.batch_sizes.split(",")]
+    if args.quick:
+        batch_sizes, args.batch_length = [1, 2], 16
     rows = run_all(args.device, lengths, args.repeats, args.quick)
+    batch_rows = throughput(args.device, batch_sizes, args.batch_length, args.quick)
     command = "python benchmarks/speed.py" + (" --device cuda" if args.device == "cuda" else "")
     markdown = (
         f"## Speed and memory ({device_label(args.device)})\n\n"
         f"Regenerate with `{command}`. Llama architecture, "
         f"{'2 x 128' if args.quick else '8 layers x 512 wide'}, random weights, sdpa attention, "
         "batch 1, target: one logit at the last position; median of "
-        f"{args.repeats} runs after a warm-up.\n\n" + table(rows, lengths)
+        f"{args.repeats} runs after a warm-up.\n\n"
+        + table(rows, lengths)
+        + "\n\n"
+        + throughput_table(batch_rows, args.batch_length)
     )
     print(markdown)
     write_section(markdown, args.device, args.out)

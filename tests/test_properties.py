@@ -25,15 +25,6 @@ PROPERTY = settings(
 MODELS = [("llama", "sdpa"), ("gpt2", "eager")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def _model(name: str, implementation: str) -> nn.Module:
     return FAMILY_BY_NAME[name].build(implementation)

@@ -32,15 +32,6 @@ GLOBAL_HOOK_DICTS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _snapshot(model: nn.Module) -> dict:
     """Everything a GIM call could leave behind on a model, copied."""
     return {
