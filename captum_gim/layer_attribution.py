@@ -21,8 +21,8 @@ from captum_gim._checks import (
     checked_forward,
     clear_gradient_errors,
     format_baselines,
-    resolve_forward_and_model,
 )
+from captum_gim._model_checks import resolve_forward_and_model
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 

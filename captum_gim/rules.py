@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_gim._checks import check_model, eager_calls
+from captum_gim._model_checks import check_model, eager_calls
 from captum_gim.architectures import (
     GatedLayout,
     GatedMLPSite,
