@@ -109,6 +109,17 @@ def _gim_explain_runner(model, forward, target: int) -> Callable[[torch.Tensor],
     return run
 
 
+def _timed(run: Callable[[torch.Tensor], object], embeds: torch.Tensor, device: str) -> float:
+    """Seconds one call of ``run`` takes, waiting for the GPU to finish."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(embeds)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _peak_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -135,16 +146,8 @@ def measure(method: str, device: str, lengths: list[int], repeats: int, quick: b
             continue
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
         embeds = model.get_input_embeddings()(ids.to(device)).detach()
-        times = []
-        for attempt in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(embeds)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if attempt:  # the first run warms up
-                times.append(time.perf_counter() - start)
+        run(embeds)  # warm-up
+        times = [_timed(run, embeds, device) for _ in range(repeats)]
         rows.append(
             {
                 "method": method,
@@ -167,13 +170,7 @@ def throughput(device: str, batch_sizes: list[int], length: int, quick: bool) ->
         for method in ("InputXGradient", "GIM"):
             run = attribution_runner(method, model, target=7)
             run(embeds)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(embeds)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            seconds = _timed(run, embeds, device)
             rows.append(
                 {"method": method, "batch": batch, "tokens_per_s": batch * length / seconds}
             )
