@@ -145,9 +145,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                     "attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation('sdpa')"
                 )
-        elif _looks_like_attention(module) and not any(
-            inner.startswith(f"{name}.") or not name for inner in routed
-        ):
+        elif _looks_like_attention(module) and not _contains_any(name, routed):
             problems.append(
                 f"'{label}' ({type(module).__name__}) computes attention without "
                 "transformers' AttentionInterface, so the softmax and q/k/v rules "
@@ -200,6 +198,12 @@ def _looks_like_norm(module: nn.Module) -> bool:
 
 def _looks_like_attention(module: nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
+
+
+def _contains_any(name: str, module_names: set[str]) -> bool:
+    """True when a module named in ``module_names`` lies inside module ``name``."""
+    prefix = f"{name}." if name else ""
+    return any(inner != name and inner.startswith(prefix) for inner in module_names)
 
 
 def _looks_like_gated_mlp(module: nn.Module) -> bool:

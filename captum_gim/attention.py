@@ -138,7 +138,7 @@ def gim_attention_forward(
     fused_ok = dropout == 0.0 and softcap is None and kwargs.get("position_bias") is None
     if site.implementation == "sdpa" and fused_ok:
         is_causal = kwargs.pop("is_causal", None)
-        output = _BlockwiseTemperedAttention.apply(
+        output = _TemperedSdpaAttention.apply(
             query,
             key,
             value,
@@ -218,7 +218,7 @@ def _boolean_or_additive_mask(
     if attention_mask is not None:
         return attention_mask[..., : key.shape[-2]]
     if _sdpa_is_causal(module, None, query, kwargs.get("is_causal")):
-        return _causal_mask(0, query.shape[-2], key.shape[-2], query.device)
+        return _causal_mask(query.shape[-2], key.shape[-2], query.device)
     return None
 
 
@@ -231,14 +231,16 @@ def _sdpa_is_causal(
     return bool(query.shape[2] > 1 and mask is None and is_causal)
 
 
-def _causal_mask(first_row: int, rows: int, keys: int, device: torch.device) -> Tensor:
+def _causal_mask(rows: int, keys: int, device: torch.device) -> Tensor:
     """Upper-left aligned causal mask (True = attend), as sdpa's ``is_causal``."""
-    row = torch.arange(first_row, first_row + rows, device=device)[:, None]
+    row = torch.arange(rows, device=device)[:, None]
     return row >= torch.arange(keys, device=device)[None, :]
 
 
-class _BlockwiseTemperedAttention(torch.autograd.Function):
-    """sdpa forward; rule 1 backward from scores recomputed per query block."""
+class _TemperedSdpaAttention(torch.autograd.Function):
+    """transformers' sdpa forward; the rule 1 backward from recomputed scores,
+    by :func:`sdpa_attention_backward` on CUDA and
+    :func:`blockwise_attention_backward` elsewhere."""
 
     @staticmethod
     def forward(

@@ -212,13 +212,9 @@ class GIMAttribution(GradientAttribution):
                     target,
                     additional_forward_args,
                 )
-        if self.multiplies_by_inputs:
-            attributions = tuple(
-                (tensor - baseline) * gradient
-                for tensor, baseline, gradient in zip(inputs_tuple, baselines_tuple, gradients)
-            )
-        else:
-            attributions = tuple(gradients)
+        attributions = difference_times_gradient(
+            inputs_tuple, baselines_tuple, gradients, self.multiplies_by_inputs
+        )
         return cast(
             TensorOrTupleOfTensorsGeneric,
             _format_output(is_inputs_tuple, attributions),
@@ -233,3 +229,22 @@ class GIMAttribution(GradientAttribution):
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
+
+
+def difference_times_gradient(
+    values: tuple[Tensor, ...],
+    baselines: tuple[Tensor | int | float, ...],
+    gradients: tuple[Tensor, ...],
+    multiply: bool,
+) -> tuple[Tensor, ...]:
+    r"""
+    Returns:
+        *tuple[Tensor, ...]*: ``(value - baseline) * gradient`` for each tensor,
+        or the gradients alone when ``multiply`` is False.
+    """
+    if not multiply:
+        return tuple(gradients)
+    return tuple(
+        (value - baseline) * gradient
+        for value, baseline, gradient in zip(values, baselines, gradients)
+    )

@@ -23,6 +23,7 @@ from captum_gim._checks import (
     format_baselines,
 )
 from captum_gim._model_checks import resolve_forward_and_model
+from captum_gim.attribution import difference_times_gradient
 from captum_gim.config import GIMConfig
 from captum_gim.rules import gim_rules
 
@@ -196,11 +197,7 @@ class LayerGIM(LayerGradientXActivation):
         layer_gradients = cast(tuple[Tensor, ...], layer_gradients)
         layer_evals = cast(tuple[Tensor, ...], layer_evals)
         baselines = format_baselines(layer_baselines, layer_evals)
-        if self.multiplies_by_inputs:
-            attributions = tuple(
-                (activation - baseline) * gradient
-                for activation, baseline, gradient in zip(layer_evals, baselines, layer_gradients)
-            )
-        else:
-            attributions = tuple(layer_gradients)
+        attributions = difference_times_gradient(
+            layer_evals, baselines, layer_gradients, self.multiplies_by_inputs
+        )
         return _format_output(len(attributions) > 1, attributions)
