@@ -9,12 +9,12 @@ The public API:
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
 """
 
-from captum_gim.architectures import UnsupportedModuleError
-from captum_gim.attribution import GIMAttribution
+from captum_gim.attr.gim import GIMAttribution
+from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
-from captum_gim.layer_attribution import LayerGIM
-from captum_gim.rules import gim_rules
+from captum_gim.sites.discovery import UnsupportedModuleError
 
 __version__ = "0.1.0"
 

@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
-from captum_gim.architectures import UnsupportedModuleError
-from captum_gim.attribution import GIMAttribution
+from captum_gim.attr.gim import GIMAttribution
 from captum_gim.compare import format_table, logits_forward
 from captum_gim.config import GIMConfig
+from captum_gim.sites.discovery import UnsupportedModuleError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

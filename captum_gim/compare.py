@@ -25,7 +25,7 @@ from captum._utils.typing import TargetType
 from captum.attr import Attribution, LayerAttribution, NeuronAttribution
 from torch import Tensor, nn
 
-from captum_gim.attribution import GIMAttribution
+from captum_gim.attr.gim import GIMAttribution
 from captum_gim.config import GIMConfig
 
 if TYPE_CHECKING:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TypedDict
 
 
 @dataclass(frozen=True)
@@ -86,29 +86,34 @@ class GIMConfig:
         )
 
     @classmethod
-    def resolve(cls, config: GIMConfig | None, **settings: Any) -> GIMConfig:
+    def resolve(cls, config: GIMConfig | None, settings: GIMSettings) -> GIMConfig:
         r"""
-        Builds the settings of a class that takes both ``config=`` and the seven
-        keywords.
+        Builds the settings of a class that takes both ``config=`` and the
+        keyword settings (``**settings``).
 
         Args:
             config (GIMConfig or None): Settings given as one object, or ``None``.
-            **settings: The seven keyword settings as the caller received them.
+            settings (dict): The keyword settings the caller passed; a key that
+                        is absent keeps its default.
 
         Returns:
-            *GIMConfig*: ``config`` when given (the keywords must then keep their
-            defaults), else the settings built from the keywords.
+            *GIMConfig*: ``config`` when given (no keyword setting may then be
+            passed, even one equal to its default), else the settings built
+            from the keywords.
         """
+        unknown = sorted(set(settings) - set(SETTING_NAMES))
+        if unknown:
+            raise TypeError(
+                f"Unknown GIM setting(s) {unknown}; the settings are {list(SETTING_NAMES)}."
+            )
         if config is None:
             return cls(**settings)
         if not isinstance(config, GIMConfig):
             raise TypeError(f"config must be a GIMConfig, got {type(config).__name__}.")
-        defaults = asdict(cls())
-        changed = sorted(k for k, v in settings.items() if v != defaults[k])
-        if changed:
+        if settings:
             raise ValueError(
-                f"Both config= and the keyword setting(s) {changed} were given. Pass "
-                "either config=GIMConfig(...) or the keywords, e.g. "
+                f"Both config= and the keyword setting(s) {sorted(settings)} were given. "
+                "Pass either config=GIMConfig(...) or the keywords, e.g. "
                 "config=dataclasses.replace(config, temperature=3.0)."
             )
         return config
@@ -128,9 +133,34 @@ class GIMConfig:
         )
 
     @property
+    def any_rule_on(self) -> bool:
+        r"""True when any rule changes any gradient (else GIM is InputXGradient)."""
+        return self.freeze_norm or self.attention_rules_on or self.mlp_rule_on
+
+    @property
     def mlp_rule_on(self) -> bool:
         r"""True when the gated-MLP split changes any gradient."""
         return (self.gate_scale, self.up_scale) != (1.0, 1.0)
+
+
+class GIMSettings(TypedDict, total=False):
+    r"""
+    The keyword settings that :class:`GIMAttribution`, :class:`LayerGIM`,
+    :class:`LLMGIMAttribution` and :func:`gim_rules` accept as ``**settings``:
+    the fields of :class:`GIMConfig`, each optional.
+    """
+
+    temperature: float | None
+    freeze_norm: bool
+    q_scale: float
+    k_scale: float
+    v_scale: float
+    gate_scale: float
+    up_scale: float
+
+
+#: The names of the seven settings, in :class:`GIMConfig`'s order.
+SETTING_NAMES: tuple[str, ...] = tuple(field.name for field in fields(GIMConfig))
 
 
 def _check_real(name: str, value: object) -> None:

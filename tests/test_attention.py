@@ -6,12 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from captum_gim.attention import (
-    blockwise_attention_backward,
-    eager_gim_attention,
-    gim_attention_forward,
-    sdpa_attention_backward,
-)
+from captum_gim.rules import blockwise_attention_backward, sdpa_attention_backward
+from captum_gim.sites.attention import eager_gim_attention, gim_attention_forward
 
 
 def _reference_grads(query, key, value, mask, grad_output, scaling, temperature):

@@ -44,17 +44,26 @@ def test_non_numbers_are_refused() -> None:
         GIMConfig(freeze_norm=1)
 
 
-def test_config_and_changed_keywords_together_are_refused() -> None:
-    defaults = {
-        "temperature": 2.0,
-        "freeze_norm": True,
-        "q_scale": 0.25,
-        "k_scale": 0.25,
-        "v_scale": 0.5,
-        "gate_scale": 0.5,
-        "up_scale": 0.5,
-    }
+def test_config_and_any_keyword_together_are_refused() -> None:
     config = GIMConfig(temperature=3.0)
-    assert GIMConfig.resolve(config, **defaults) is config
+    assert GIMConfig.resolve(config, {}) is config
+    assert GIMConfig.resolve(None, {"q_scale": 1.0}) == GIMConfig(q_scale=1.0)
+    # A keyword equal to its default is still a keyword: it is never silently ignored.
+    with pytest.raises(ValueError, match=r"\['temperature'\]"):
+        GIMConfig.resolve(config, {"temperature": 2.0})
     with pytest.raises(ValueError, match=r"\['q_scale'\]"):
-        GIMConfig.resolve(config, **{**defaults, "q_scale": 1.0})
+        GIMConfig.resolve(config, {"q_scale": 1.0})
+
+
+def test_unknown_setting_is_refused_with_the_valid_names() -> None:
+    with pytest.raises(TypeError, match="Unknown GIM setting.*'temprature'.*'temperature'"):
+        GIMConfig.resolve(None, {"temprature": 2.0})  # type: ignore[typeddict-unknown-key]
+
+
+def test_keyword_settings_are_the_config_fields() -> None:
+    from dataclasses import fields
+
+    from captum_gim.config import SETTING_NAMES, GIMSettings
+
+    assert tuple(GIMSettings.__annotations__) == SETTING_NAMES
+    assert SETTING_NAMES == tuple(f.name for f in fields(GIMConfig))

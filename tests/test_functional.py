@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_gim.functional import (
+from captum_gim.rules import (
     frozen_layer_norm,
     frozen_rms_norm,
     scale_gradient,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tiny_models import FAMILY_BY_NAME, VOCAB, logits_of
 from torch import nn
 
-import captum_gim.rules as rules
+import captum_gim.sites.exclusive as exclusive
 from captum_gim import GIMAttribution, GIMConfig, LayerGIM, gim_rules
 
 PROPERTY = settings(
@@ -89,7 +89,7 @@ def test_attribution_is_difference_times_gradient_and_rules_off_is_plain(case) -
     )
     plain = Saliency(forward).attribute(embeds, target=target, abs=False)
     assert torch.equal(off, _difference(embeds, baseline) * plain)
-    assert _hook_count(model) == 0 and not rules._active_modules
+    assert _hook_count(model) == 0 and not exclusive._active_modules
 
 
 @PROPERTY
@@ -107,7 +107,7 @@ def test_layer_gim_properties(case) -> None:
     got = LayerGIM(forward, layer, model).attribute(ids, target=target, layer_baselines=baseline)
     assert got.shape == (*ids.shape, 32) and torch.isfinite(got).all()
     assert torch.equal(got, _difference(layer(ids), baseline) * gradient)
-    assert _hook_count(model) == 0 and not rules._active_modules
+    assert _hook_count(model) == 0 and not exclusive._active_modules
 
 
 @PROPERTY
@@ -143,7 +143,7 @@ def test_targets_out_of_range_name_target_and_the_range(batch, bad, form) -> Non
     with pytest.raises(IndexError, match=r"target.*out of range") as error:
         GIMAttribution(logits_of(model), model).attribute(embeds, target=target)
     assert allowed in str(error.value) and f"({batch}, {VOCAB})" in str(error.value)
-    assert _hook_count(model) == 0 and not rules._active_modules
+    assert _hook_count(model) == 0 and not exclusive._active_modules
 
 
 _SCALE = st.floats(-2.0, 2.0, allow_nan=False)
@@ -166,7 +166,7 @@ def test_any_valid_settings_give_finite_deterministic_results(
     first = gim.attribute(embeds, target=5)
     assert torch.isfinite(first).all()
     assert torch.equal(first, gim.attribute(embeds, target=5))
-    assert _hook_count(model) == 0 and not rules._active_modules
+    assert _hook_count(model) == 0 and not exclusive._active_modules
 
 
 @PROPERTY
@@ -186,4 +186,4 @@ def test_invalid_settings_are_refused_naming_the_setting(setting, value) -> None
     with pytest.raises(ValueError, match=setting):
         with gim_rules(model, **{setting: value}):
             pass
-    assert _hook_count(model) == 0 and not rules._active_modules
+    assert _hook_count(model) == 0 and not exclusive._active_modules

@@ -19,8 +19,9 @@ from captum.attr import IntegratedGradients, Saliency
 from tiny_models import FAMILY_BY_NAME, logits_of, sample_ids
 from torch import nn
 
-import captum_gim.functional as functional
-import captum_gim.rules as rules
+import captum_gim.rules.norms as norms
+import captum_gim.sites.exclusive as exclusive
+import captum_gim.sites.install as install
 from captum_gim import GIMAttribution, GIMConfig, LayerGIM, gim_rules
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -58,7 +59,7 @@ def _snapshot(model: nn.Module) -> dict:
             for name, p in model.named_parameters()
         },
         "buffers": {name: b.clone() for name, b in model.named_buffers()},
-        "active": len(rules._active_modules),
+        "active": len(exclusive._active_modules),
     }
 
 
@@ -135,18 +136,18 @@ def _fault_interrupt_in_module_backward_hook(model, embeds, monkeypatch):
 
 
 def _fault_rule_fails_in_forward(model, embeds, monkeypatch):
-    monkeypatch.setattr(rules, "frozen_rms_norm", _raise(_Boom("rms rule failed")))
-    monkeypatch.setattr(rules, "frozen_layer_norm", _raise(_Boom("layer-norm rule failed")))
+    monkeypatch.setattr(install, "frozen_rms_norm", _raise(_Boom("rms rule failed")))
+    monkeypatch.setattr(install, "frozen_layer_norm", _raise(_Boom("layer-norm rule failed")))
     return lambda: _gim(model, embeds), _Boom, None
 
 
 def _fault_rule_fails_in_backward(model, embeds, monkeypatch):
-    monkeypatch.setattr(functional._FrozenNorm, "backward", staticmethod(_raise(_Boom("backward"))))
+    monkeypatch.setattr(norms._FrozenNorm, "backward", staticmethod(_raise(_Boom("backward"))))
     return lambda: _gim(model, embeds), _Boom, None
 
 
 def _fault_install_fails_halfway(model, embeds, monkeypatch):
-    original = rules.route_attention
+    original = install.route_attention
     calls = []
 
     def route(module, config):
@@ -155,7 +156,7 @@ def _fault_install_fails_halfway(model, embeds, monkeypatch):
             raise _Boom("second attention module could not be routed")
         return original(module, config)
 
-    monkeypatch.setattr(rules, "route_attention", route)
+    monkeypatch.setattr(install, "route_attention", route)
     return lambda: _gim(model, embeds), _Boom, None
 
 
@@ -464,7 +465,7 @@ def test_bad_targets_are_named_before_any_backward(llama, embeds, target, error,
             _gim_target(llama, embeds, target)
     finally:
         handle.remove()
-    assert not backward_ran and not rules._active_modules
+    assert not backward_ran and not exclusive._active_modules
 
 
 def test_layer_gim_target_and_output_checks(llama) -> None:
@@ -524,7 +525,7 @@ def test_bad_settings_are_refused_by_every_entry_point(llama, setting, value, er
     with pytest.raises(error, match=setting):
         with gim_rules(llama, **{setting: value}):
             pass
-    assert not rules._active_modules
+    assert not exclusive._active_modules
 
 
 # ----------------------------------------------------- training mode, dropout
@@ -612,7 +613,7 @@ def test_compiled_wrapper_only_as_model_is_refused() -> None:
     ):
         with gim_rules(model):
             pass
-    assert not rules._active_modules
+    assert not exclusive._active_modules
 
 
 def test_module_compiled_in_place_runs_eagerly_under_the_rules() -> None:

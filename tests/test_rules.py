@@ -12,7 +12,7 @@ from tiny_models import FAMILY_BY_NAME, PlainMLPModel, logits_of, sample_ids
 from torch import nn
 
 from captum_gim import GIMAttribution, GIMConfig, UnsupportedModuleError, gim_rules
-from captum_gim.architectures import find_rule_sites
+from captum_gim.sites.discovery import find_rule_sites
 
 
 def _snapshot(model: nn.Module) -> dict:

@@ -17,8 +17,8 @@ from captum.attr import Saliency
 from tiny_models import FAMILY_BY_NAME, VOCAB, logits_of
 from torch import nn
 
-import captum_gim.attention as attention
-import captum_gim.rules as rules
+import captum_gim.sites.attention as attention
+import captum_gim.sites.exclusive as exclusive
 from captum_gim import GIMAttribution, LayerGIM, gim_rules
 
 CALLS = 10_000
@@ -49,7 +49,7 @@ def _live_state() -> dict[str, int]:
     return {
         "rss": psutil.Process().memory_info().rss,
         "objects": len(gc.get_objects()),
-        "active": len(rules._active_modules),
+        "active": len(exclusive._active_modules),
         "sites": len(getattr(attention, "_sites", {})),
     }
 

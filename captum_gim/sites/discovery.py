@@ -18,7 +18,7 @@ from functools import cache
 
 from torch import nn
 
-from captum_gim.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
+from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
 
 
 class GatedLayout(Enum):

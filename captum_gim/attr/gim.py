@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import cast
 
@@ -15,16 +16,14 @@ from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensor
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
-from captum_gim._checks import (
-    check_float_inputs,
-    checked_forward,
-    clear_gradient_errors,
-    format_baselines,
-)
-from captum_gim._model_checks import resolve_forward_and_model
-from captum_gim.config import GIMConfig
-from captum_gim.rules import gim_rules
+from captum_gim.attr.errors import clear_gradient_errors
+from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.inputs import check_float_inputs, format_baselines
+from captum_gim.attr.targets import check_target_form, checked_forward
+from captum_gim.config import GIMConfig, GIMSettings
+from captum_gim.sites.checks import resolve_forward_and_model
 
 
 class GIMAttribution(GradientAttribution):
@@ -56,6 +55,14 @@ class GIMAttribution(GradientAttribution):
     two threads at once while GIM runs on it: a second GIM call on it raises
     ``RuntimeError``, and a plain forward pass on it would get the rules.
 
+    Positional arguments mean what they mean in Captum's ``InputXGradient``:
+    ``attribute(inputs, target, additional_forward_args)``. ``baselines`` is
+    keyword-only, so an ``IntegratedGradients``-style positional baseline
+    raises a ``TypeError`` instead of becoming the target. The constructor's
+    second argument is ``model`` (``multiply_by_inputs`` is keyword-only; a
+    bool passed there raises an error saying so). With every rule off no model
+    is needed, and a plain function works as with ``InputXGradient``.
+
     A ``torch.compile(model)`` wrapper given as ``forward_func`` is unwrapped:
     GIM runs the original module eagerly and the attributions equal those of
     the uncompiled model. Gradient checkpointing works with
@@ -70,16 +77,10 @@ class GIMAttribution(GradientAttribution):
         forward_func: Callable[..., Tensor],
         model: nn.Module | None = None,
         *,
-        temperature: float | None = 2.0,
-        freeze_norm: bool = True,
-        q_scale: float = 0.25,
-        k_scale: float = 0.25,
-        v_scale: float = 0.5,
-        gate_scale: float = 0.5,
-        up_scale: float = 0.5,
         multiply_by_inputs: bool = True,
         config: GIMConfig | None = None,
         strict: bool = True,
+        **settings: Unpack[GIMSettings],
     ) -> None:
         r"""
         Args:
@@ -94,22 +95,6 @@ class GIMAttribution(GradientAttribution):
                         ``forward_func`` itself; otherwise pass the original
                         module and call it in ``forward_func``.
                         Default: None
-            temperature (float or None, optional): Temperature of the attention
-                        softmax backward; 1.0 or None switches the rule off.
-                        Default: 2.0
-            freeze_norm (bool, optional): Treat LayerNorm/RMSNorm statistics as
-                        constants in the backward pass.
-                        Default: True
-            q_scale (float, optional): Gradient scale of attention queries.
-                        Default: 0.25
-            k_scale (float, optional): Gradient scale of attention keys.
-                        Default: 0.25
-            v_scale (float, optional): Gradient scale of attention values.
-                        Default: 0.5
-            gate_scale (float, optional): Gradient scale of gated-MLP gates.
-                        Default: 0.5
-            up_scale (float, optional): Gradient scale of gated-MLP up branches.
-                        Default: 0.5
             multiply_by_inputs (bool, optional): Multiply the GIM gradient by
                         ``inputs - baselines`` (global attribution); with False
                         the GIM gradient alone is returned (local attribution).
@@ -121,19 +106,19 @@ class GIMAttribution(GradientAttribution):
                         cannot reach; with False they keep exact gradients and a
                         warning names them.
                         Default: True
+            **settings: Any of the seven settings of :class:`GIMConfig`
+                        (``temperature``, ``freeze_norm``, ``q_scale``,
+                        ``k_scale``, ``v_scale``, ``gate_scale``, ``up_scale``)
+                        as keywords, with GIMConfig's defaults and meaning.
+                        ``temperature=1.0`` (or None), ``freeze_norm=False``
+                        and a scale of 1.0 each switch one rule off. Not
+                        together with ``config``.
         """
-        forward_func, self.model = resolve_forward_and_model(forward_func, model)
-        GradientAttribution.__init__(self, forward_func)
-        self.config = GIMConfig.resolve(
-            config,
-            temperature=temperature,
-            freeze_norm=freeze_norm,
-            q_scale=q_scale,
-            k_scale=k_scale,
-            v_scale=v_scale,
-            gate_scale=gate_scale,
-            up_scale=up_scale,
+        self.config = GIMConfig.resolve(config, settings)
+        forward_func, self.model = resolve_forward_and_model(
+            forward_func, model, needed=self.config.any_rule_on
         )
+        GradientAttribution.__init__(self, forward_func)
         self.strict = strict
         self._multiply_by_inputs = multiply_by_inputs
 
@@ -141,9 +126,10 @@ class GIMAttribution(GradientAttribution):
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
-        baselines: BaselineType = None,
         target: TargetType = None,
         additional_forward_args: object = None,
+        *,
+        baselines: BaselineType = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         r"""
         Args:
@@ -153,11 +139,6 @@ class GIMAttribution(GradientAttribution):
                         tensors, a tuple of them. Dimension 0 is the batch.
                         They must be floating point: for token ids, use
                         :class:`LayerGIM` on the embedding layer.
-            baselines (scalar, Tensor, tuple of scalar or Tensor, optional):
-                        Reference inputs ``x'``, as in IntegratedGradients: a
-                        number, a tensor of the input's shape or of batch size 1,
-                        or a tuple of those for tuple inputs. None means zeros.
-                        Default: None
             target (int, tuple, Tensor, or list, optional): Output indices for
                         which gradients are computed, with Captum's usual
                         conventions (a class index for every example, one per
@@ -170,6 +151,12 @@ class GIMAttribution(GradientAttribution):
             additional_forward_args (Any, optional): Further arguments of
                         forward_func after the inputs (e.g. the attention mask);
                         not attributed.
+                        Default: None
+            baselines (scalar, Tensor, tuple of scalar or Tensor, optional):
+                        Keyword-only. Reference inputs ``x'``, as in
+                        IntegratedGradients: a
+                        number, a tensor of the input's shape or of batch size 1,
+                        or a tuple of those for tuple inputs. None means zeros.
                         Default: None
 
         Returns:
@@ -195,6 +182,7 @@ class GIMAttribution(GradientAttribution):
             >>> attributions = gim.attribute(embeds, target=42)
             >>> token_scores = attributions.sum(-1)  # 1 x 4
         """
+        check_target_form(target)
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = _format_tensor_into_tuples(inputs)
         check_float_inputs(inputs_tuple)
@@ -205,7 +193,11 @@ class GIMAttribution(GradientAttribution):
         # to a leaf that requires grad are refused by autograd.
         aliases = tuple(tensor.detach().requires_grad_() for tensor in inputs_tuple)
         with clear_gradient_errors():
-            with gim_rules(self.model, config=self.config, strict=self.strict):
+            with contextlib.ExitStack() as rules:
+                if self.model is not None:
+                    rules.enter_context(
+                        gim_rules(self.model, config=self.config, strict=self.strict)
+                    )
                 gradients = self.gradient_func(
                     checked_forward(self.forward_func, target),
                     aliases,

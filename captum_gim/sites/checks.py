@@ -1,12 +1,11 @@
 """Checks of the model before the GIM rules go on it: which module, compiled
-wrappers, active dropout, and modules compiled in place."""
+wrappers and active dropout."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -49,8 +48,8 @@ def _compiled_model_error(where: str) -> TypeError:
 
 
 def resolve_forward_and_model(
-    forward_func: Callable[..., Any], model: nn.Module | None
-) -> tuple[Callable[..., Any], nn.Module]:
+    forward_func: Callable[..., Any], model: nn.Module | None, needed: bool = True
+) -> tuple[Callable[..., Any], nn.Module | None]:
     r"""
     The forward function to run and the model that gets the rules, with
     ``torch.compile`` wrappers removed where that is safe.
@@ -65,9 +64,12 @@ def resolve_forward_and_model(
     Args:
         forward_func (Callable): The forward function given by the caller.
         model (nn.Module or None): The model given by the caller.
+        needed (bool, optional): Whether a rule is on, so that a model must be
+                    found; with False a plain function and no model give None.
+                    Default: True
 
     Returns:
-        *tuple[Callable, nn.Module]*: the forward function and the model.
+        *tuple[Callable, nn.Module or None]*: the forward function and the model.
     """
     if is_compiled_wrapper(forward_func):
         wrapper = forward_func
@@ -78,6 +80,8 @@ def resolve_forward_and_model(
         if model._orig_mod is not forward_func:  # type: ignore[union-attr]
             raise _compiled_model_error("model")
         model = forward_func  # type: ignore[assignment]
+    if model is None and not needed and _module_of(forward_func) is None:
+        return forward_func, None
     return forward_func, resolve_model(forward_func, model)
 
 
@@ -89,18 +93,40 @@ def resolve_model(forward_func: Callable[..., Any], model: nn.Module | None) -> 
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"model must be the nn.Module that gets the GIM rules, got {type(model).__name__}."
+                f"model must be the nn.Module that gets the GIM rules, got "
+                f"{type(model).__name__}{_positional_hint(model)}."
             )
         return model
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    bound_to = getattr(forward_func, "__self__", None)
-    if isinstance(bound_to, nn.Module):
-        return bound_to
+    found = _module_of(forward_func)
+    if found is not None:
+        return found
     raise TypeError(
         "forward_func is not an nn.Module, so GIM does not know which model to "
         "modify. Pass it as model=, e.g. GIMAttribution(forward_func, model=model)."
     )
+
+
+def _module_of(forward_func: Callable[..., Any]) -> nn.Module | None:
+    """``forward_func`` itself when it is a module, or the module it is bound to."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    bound_to = getattr(forward_func, "__self__", None)
+    return bound_to if isinstance(bound_to, nn.Module) else None
+
+
+def _positional_hint(value: object) -> str:
+    """Where a Captum argument passed by position landed on ``model``."""
+    if isinstance(value, bool):
+        return (
+            " (Captum's InputXGradient takes multiply_by_inputs second; here the second "
+            "argument is model: pass multiply_by_inputs= as a keyword)"
+        )
+    if isinstance(value, list):
+        return (
+            " (Captum's LayerGradientXActivation takes device_ids third; here the third "
+            "argument is model: pass device_ids= as a keyword)"
+        )
+    return ""
 
 
 def check_model(model: nn.Module) -> None:
@@ -154,28 +180,3 @@ def active_dropout(model: nn.Module) -> list[str]:
                 found.append(f"'{label}' {attribute}={value}")
                 break
     return found
-
-
-@contextlib.contextmanager
-def eager_calls(model: nn.Module) -> Iterator[None]:
-    r"""
-    Runs the modules of ``model`` that were compiled in place
-    (``module.compile()``) eagerly for the duration of the block, so that the
-    GIM rule hooks see every forward pass, and restores their compiled call when
-    the block ends.
-
-    Args:
-        model (nn.Module): The model that gets the rules.
-    """
-    compiled = [
-        (module, module.__dict__["_compiled_call_impl"])
-        for module in model.modules()
-        if module.__dict__.get("_compiled_call_impl") is not None
-    ]
-    for module, _ in compiled:
-        module._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        for module, call in compiled:
-            module._compiled_call_impl = call

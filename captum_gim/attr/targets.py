@@ -1,0 +1,151 @@
+"""Targets: checked against the forward output before any backward pass."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from captum._utils.typing import TargetType
+from torch import Tensor
+
+
+def checked_forward(forward_func: Callable[..., Any], target: TargetType) -> Callable[..., Any]:
+    r"""
+    Wraps ``forward_func`` so that ``target`` is checked against its output
+    right after the forward pass, before Captum selects the target and before
+    any backward pass (:func:`check_target`).
+
+    Args:
+        forward_func (Callable): The forward function Captum will call.
+        target (TargetType): The target given by the caller.
+
+    Returns:
+        *Callable*: a function with the signature of ``forward_func``.
+    """
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = forward_func(*args, **kwargs)
+        if isinstance(output, Tensor):
+            check_target(target, output)
+        return output
+
+    try:  # Captum inspects the signature (a forward without arguments is special)
+        forward.__signature__ = inspect.signature(forward_func)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass
+    if hasattr(forward_func, "device_ids"):  # DataParallel, read by Captum
+        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    return forward
+
+
+def check_target_form(target: TargetType) -> None:
+    r"""
+    Raises a clear ``TypeError``, before any forward pass, for a target that
+    cannot be an output index: a string, a float, or a floating-point tensor
+    (often a baseline passed by position, as ``IntegratedGradients.attribute``
+    takes it; GIM's ``baselines`` is keyword-only).
+
+    Args:
+        target (TargetType): The target given by the caller.
+    """
+    if isinstance(target, str):
+        raise TypeError(
+            f"target is the string {target!r}; GIMAttribution and LayerGIM take output "
+            "indices. Convert the token first, e.g. target=tokenizer.convert_tokens_to_ids("
+            "token), or use captum_gim.LLMGIMAttribution, which accepts string targets."
+        )
+    is_float = isinstance(target, float) or (
+        isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex())
+    )
+    if is_float:
+        kind = f"dtype {target.dtype}" if isinstance(target, Tensor) else f"the float {target}"
+        raise TypeError(
+            f"target has {kind}; a target is an integer output index (e.g. target.long()). "
+            "baselines are keyword-only in GIM: attribute(inputs, baselines=...)."
+        )
+
+
+def check_target(target: TargetType, output: Tensor) -> None:
+    r"""
+    Raises a clear error when ``target`` cannot select one scalar per example
+    of ``output`` with Captum's conventions: an index out of range
+    (``IndexError``), or a target of the wrong form or length (``ValueError``).
+
+    Args:
+        target (TargetType): None, an int, a tuple of ints, a tensor, or a list
+                    of ints or tuples (one per example).
+        output (Tensor): The output of the forward function, ``batch x ...``.
+    """
+    shape = tuple(output.shape)
+    if not shape:
+        raise ValueError(
+            "forward_func returned a single scalar (shape ()); Captum needs one "
+            "output per example: return shape (batch,) for one scalar per "
+            "example, or (batch, n_outputs) and pass target=."
+        )
+    if target is None:
+        if output[0].numel() != 1:
+            raise ValueError(
+                f"target is None, but forward_func returns {shape[1:]} outputs per "
+                f"example (output shape {shape}). Pass target= (e.g. a class index "
+                "in [0, "
+                f"{shape[-1] - 1}]), or make forward_func return one scalar per example."
+            )
+        return
+    if isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            raise TypeError(
+                f"target has dtype {target.dtype}; pass integer indices, e.g. target.long()."
+            )
+        if target.numel() == 1:
+            target = int(target.item())
+        elif target.dim() == 1:
+            target = [int(index) for index in target.tolist()]
+        else:
+            raise ValueError(
+                f"target has shape {tuple(target.shape)}; a tensor target is one "
+                f"index for every example (one element) or one index per example "
+                f"(shape ({shape[0]},))."
+            )
+    if isinstance(target, (int, tuple)):
+        _check_index(target, shape, "target")
+    elif isinstance(target, list):
+        if len(target) != shape[0]:
+            raise ValueError(
+                f"target has {len(target)} entries but the batch has {shape[0]} "
+                f"examples (output shape {shape}); pass one target per example, or "
+                "one int for all."
+            )
+        if target and all(isinstance(t, int) for t in target) and len(shape) != 2:
+            raise ValueError(
+                f"target is a list of ints, which needs an output of shape (batch, "
+                f"n_outputs), but forward_func returns shape {shape}; pass a list of "
+                "tuples, one index per output dimension after the batch."
+            )
+        for position, entry in enumerate(target):
+            if isinstance(entry, (int, tuple)):
+                _check_index(entry, shape, f"target[{position}]", per_example=True)
+
+
+def _check_index(
+    index: int | tuple[Any, ...], shape: tuple[int, ...], name: str, per_example: bool = False
+) -> None:
+    indices = (index,) if isinstance(index, int) else index
+    if len(indices) > len(shape) - 1:
+        raise ValueError(
+            f"{name} = {index!r} has {len(indices)} indices, but the output of "
+            f"forward_func has shape {shape}: at most {len(shape) - 1} (one per "
+            "dimension after the batch)."
+        )
+    for dim, value in enumerate(indices, start=1):
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue  # slices and the like: Captum's conventions apply
+        size = shape[dim]
+        low = 0 if per_example and isinstance(index, int) else -size
+        if not low <= value < size:
+            allowed = f"[0, {size - 1}]" if low == 0 else f"[{low}, {size - 1}]"
+            raise IndexError(
+                f"{name} = {index!r} is out of range for the output of forward_func "
+                f"of shape {shape}: the index of dimension {dim} must be in {allowed}."
+            )

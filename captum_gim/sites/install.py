@@ -1,0 +1,154 @@
+"""Installing the rules on the sites found in a model: one hook per rule and site."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_gim.config import GIMConfig
+from captum_gim.rules import frozen_layer_norm, frozen_rms_norm, scale_gradient
+from captum_gim.sites.attention import route_attention
+from captum_gim.sites.discovery import (
+    GatedLayout,
+    GatedMLPSite,
+    NormSite,
+    RuleSites,
+    UnsupportedModuleError,
+)
+
+
+def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig) -> None:
+    r"""
+    Installs the hooks of every rule that ``config`` switches on; ``stack``
+    owns their removal.
+
+    Args:
+        stack (contextlib.ExitStack): Receives one removal callback per hook.
+        sites (RuleSites): Where the rules go.
+        config (GIMConfig): The settings.
+    """
+    if config.freeze_norm:
+        for norm in sites.norms:
+            _hook(stack, norm.module.register_forward_hook(_freeze_norm_hook(norm)))
+    if config.mlp_rule_on:
+        for mlp in sites.gated_mlps:
+            _install_gated_mlp_rule(stack, mlp, config)
+    if config.attention_rules_on:
+        for _, attention in sites.attentions:
+            stack.enter_context(route_attention(attention, config))
+
+
+def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
+    stack.callback(handle.remove)
+
+
+def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
+    module = site.module
+
+    def hook(_: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        x = args[0]
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return None
+        x = x.to(output.device)  # accelerate moves inputs only inside forward
+        eps = site.eps if site.eps is not None else torch.finfo(x.dtype).eps
+        weight = _weight_in_use(module, output.device)
+        if site.centered:
+            return frozen_layer_norm(x, output, weight, eps, site.n_dims)
+        return frozen_rms_norm(x, output, weight, eps, site.weight_offset, site.n_dims)
+
+    return hook
+
+
+def _weight_in_use(module: nn.Module, device: torch.device) -> Tensor | None:
+    """The norm's weight as its forward used it.
+
+    accelerate's offloading (``cpu_offload``, disk or CPU ``device_map`` entries)
+    loads weights for the forward call only and leaves them on the meta device
+    afterwards, when forward hooks run; the weight then comes from the weights
+    map of the module's accelerate hook.
+    """
+    weight = getattr(module, "weight", None)
+    if weight is None or not weight.is_meta:
+        return weight
+    accelerate_hook = getattr(module, "_hf_hook", None)
+    for hook in (*getattr(accelerate_hook, "hooks", ()), accelerate_hook):
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is not None and "weight" in weights_map:
+            return weights_map["weight"].to(device)
+    raise UnsupportedModuleError(
+        f"The weight of {type(module).__name__} is on the meta device and no "
+        "accelerate weights map holds it; GIM cannot freeze its statistic. Load "
+        "the model's weights, or pass freeze_norm=False."
+    )
+
+
+def _install_gated_mlp_rule(
+    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
+) -> None:
+    module = site.module
+    if site.layout is GatedLayout.SEPARATE:
+        for branch, scale in (("gate_proj", config.gate_scale), ("up_proj", config.up_scale)):
+            projection = getattr(module, branch)
+            _hook(stack, projection.register_forward_hook(_scale_output_hook(scale)))
+    elif site.layout is GatedLayout.FUSED:
+        hook = _scale_output_hook(config.gate_scale, config.up_scale)
+        _hook(stack, module.gate_up_proj.register_forward_hook(hook))
+    else:
+        hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
+        _hook(stack, module.act_fn.register_forward_pre_hook(hook))
+
+
+def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor | float:
+    if gate_scale == up_scale:
+        return gate_scale
+    half = output.shape[-1] // 2
+    scale = torch.full((2 * half,), up_scale, dtype=output.dtype, device=output.device)
+    scale[:half] = gate_scale
+    return scale
+
+
+def _scale_output_hook(
+    scale: float, second_half_scale: float | None = None
+) -> Callable[..., Tensor]:
+    """Scales a projection's output gradient; per half when two scales are given."""
+
+    def hook(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
+        if second_half_scale is None:
+            return scale_gradient(output, scale)
+        return scale_gradient(output, _halves_scale(output, scale, second_half_scale))
+
+    return hook
+
+
+def _scale_fused_base_hook(name: str, gate_scale: float, up_scale: float) -> Callable[..., None]:
+    """Scales the gradient of the fused gate/up tensor that ``act_fn`` reads from.
+
+    The experts functions of transformers compute one fused projection and pass
+    its gate part, a view, to ``act_fn``; the rest of the fused tensor is the up
+    part. A gradient hook on the fused tensor scales the gate view's elements by
+    ``gate_scale`` and all others by ``up_scale``, whatever the layout.
+    """
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        gate = args[0]
+        if not torch.is_grad_enabled() or not gate.requires_grad:
+            return
+        fused = gate._base
+        if fused is None or fused.numel() != 2 * gate.numel():
+            raise RuntimeError(
+                f"The experts of '{name}' apply their activation to a tensor that "
+                "is not half of a fused gate/up projection; GIM cannot split this "
+                "MLP. Pass strict=False to skip the experts' gated split."
+            )
+        scale: Tensor | float = gate_scale
+        if gate_scale != up_scale:
+            scale = torch.full_like(fused, up_scale)
+            offset = gate.storage_offset() - fused.storage_offset()
+            scale.as_strided(gate.shape, gate.stride(), offset).fill_(gate_scale)
+        fused.register_hook(lambda grad: grad * scale)
+
+    return hook
