@@ -24,13 +24,14 @@ from captum._utils.common import _format_additional_forward_args, _select_target
 from captum._utils.typing import TargetType
 from torch import Tensor
 
+from captum_gim.attr.targets import per_example_targets
+
 __all__ = ["FaithfulnessResult", "comprehensiveness", "sufficiency"]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
 
 # The target of one example after splitting a batched target: an index (tuple) into
 # the non-batch dimensions of the forward output, or None for a scalar output.
-_ExampleTarget = None | int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -500,30 +501,6 @@ def _replaceable_positions(
     return replaceable
 
 
-def _example_target(target: TargetType, index: int, batch: int) -> _ExampleTarget:
-    """The part of a batched Captum target that belongs to example ``index``."""
-    if target is None or isinstance(target, (int, tuple)):
-        return target
-    if isinstance(target, Tensor):
-        if target.numel() == 1:
-            return int(target.item())
-        if target.dim() == 1 and target.numel() == batch:
-            return int(target[index].item())
-        raise ValueError(
-            f"target tensor must hold one index or one per example ({batch}), got shape "
-            f"{tuple(target.shape)}."
-        )
-    if isinstance(target, list):
-        if len(target) != batch:
-            raise ValueError(
-                f"target list has {len(target)} elements but inputs has {batch} examples; "
-                "pass one target per example."
-            )
-        element = target[index]
-        return tuple(element) if isinstance(element, tuple) else int(element)
-    raise ValueError(f"target of type {type(target).__name__} is not supported.")
-
-
 def _example_args(
     extra_args: tuple[Any, ...] | None, index: int, batch: int, rows: int
 ) -> tuple[Any, ...]:
@@ -549,7 +526,7 @@ def _run_rows(
     max_batch_size: int | None,
 ) -> Tensor:
     """Target scores of all rows (copies of example ``index``), shape ``(rows,)``."""
-    example_target = _example_target(target, index, batch)
+    example_target = per_example_targets(target, batch)[index]
     chunk = max_batch_size or rows.shape[0]
     scores = []
     for chunk_rows in rows.split(chunk):

@@ -256,7 +256,7 @@ def test_oracle_attributions_beat_random_ones_on_linear_model() -> None:
         ({"max_batch_size": 0}, ValueError, "max_batch_size must be"),
         ({"attention_mask": torch.ones(1, 5)}, ValueError, "attention_mask must have"),
         ({"baseline_token_id": 0.5}, TypeError, "baseline_token_id must be an int"),
-        ({"target": [0, 1]}, ValueError, "target list has 2 elements"),
+        ({"target": [0, 1]}, ValueError, "target has 2 entries"),
         ({"target": 3}, ValueError, "target 3 cannot index"),
     ],
 )

@@ -39,6 +39,48 @@ def checked_forward(forward_func: Callable[..., Any], target: TargetType) -> Cal
     return forward
 
 
+#: The target of one example: None, an output index, or a tuple of indices.
+ExampleTarget = None | int | tuple[Any, ...]
+
+
+def per_example_targets(target: TargetType, batch: int) -> list[ExampleTarget]:
+    r"""
+    Splits a batched target with Captum's conventions into one target per
+    example: None, an int or a tuple applies to every example; a tensor holds
+    one index or one per example; a list has one entry per example.
+
+    Args:
+        target (TargetType): The target given by the caller.
+        batch (int): The number of examples.
+
+    Returns:
+        *list*: ``batch`` targets, each None, an int or a tuple.
+    """
+    check_target_form(target)
+    if target is None or isinstance(target, (int, tuple)):
+        return [target] * batch
+    if isinstance(target, Tensor):
+        if target.numel() == 1:
+            return [int(target.item())] * batch
+        if target.dim() == 1 and target.numel() == batch:
+            return [int(index) for index in target.tolist()]
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}; a tensor target is one index for "
+            f"every example (one element) or one index per example (shape ({batch},))."
+        )
+    if isinstance(target, list):
+        if len(target) != batch:
+            raise ValueError(
+                f"target has {len(target)} entries but the batch has {batch} examples; "
+                "pass one target per example, or one int for all."
+            )
+        return [entry if isinstance(entry, tuple) else int(entry) for entry in target]
+    raise TypeError(
+        f"target of type {type(target).__name__} is not supported; pass None, an int, a "
+        "tuple, a tensor of indices or a list with one target per example."
+    )
+
+
 def check_target_form(target: TargetType) -> None:
     r"""
     Raises a clear ``TypeError``, before any forward pass, for a target that
