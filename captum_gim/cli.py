@@ -33,7 +33,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -290,7 +290,7 @@ def explain(
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
-    device = model.get_input_embeddings().weight.device
+    device = model.get_input_embeddings().get_parameter("weight").device
     prompt = torch.tensor([list(prompt_ids)], device=device)
     forward = logits_forward(model, log_probs=score == "log-prob")
     if target_ids is None:
@@ -312,7 +312,7 @@ def explain(
         prompt_tokens=list(tokenizer.convert_ids_to_tokens(list(prompt_ids))),
         target_tokens=list(tokenizer.convert_ids_to_tokens(list(target_ids))),
         target_ids=[int(t) for t in target_ids],
-        target_text=tokenizer.decode(list(target_ids)),
+        target_text=cast(str, tokenizer.decode(list(target_ids))),
         token_scores=torch.stack(rows),
         score=score,
         config=config,

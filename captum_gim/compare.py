@@ -31,6 +31,7 @@ from captum_gim.config import GIMConfig
 if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
+    from transformers import PreTrainedModel
 
 __all__ = ["ComparisonResult", "compare", "format_table", "logits_forward"]
 
@@ -272,7 +273,7 @@ class ComparisonResult:
 
 
 def compare(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokens: Any,
     input_ids: Tensor,
     target: TargetType = None,

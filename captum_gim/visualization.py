@@ -576,7 +576,8 @@ def plot_token_matrix(
         em = fontsize / 72
         char_w = 0.62 * em  # a generous average width of the sans-serif tick labels
         cell_h = max(1.8 * em, 0.2)
-        cell_w = max(cell_h, (len(format(-norm.vmax, fmt)) + 1) * char_w) if annotate else cell_h
+        widest = format(-(norm.vmax or 0.0), fmt)  # the longest value annotation
+        cell_w = max(cell_h, (len(widest) + 1) * char_w) if annotate else cell_h
         left = 0.5 + char_w * max(_cells(s) for s in y_labels)
         bottom = 0.6 + char_w * max(_cells(s) for s in x_labels)
         width = max(4.0, left + cell_w * data.shape[1] + 1.4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import cast
 
 from captum._utils.common import (
     _format_additional_forward_args,
@@ -207,10 +206,7 @@ class GIMAttribution(GradientAttribution):
         attributions = difference_times_gradient(
             inputs_tuple, baselines_tuple, gradients, self.multiplies_by_inputs
         )
-        return cast(
-            TensorOrTupleOfTensorsGeneric,
-            _format_output(is_inputs_tuple, attributions),
-        )
+        return _format_output(is_inputs_tuple, attributions)
 
     def attribute_future(self) -> None:
         r"""

@@ -80,7 +80,7 @@ def gim_rules(
         >>> with gim_rules(model):
         >>>     attributions = ig.attribute(embeddings, target=token_id)
     """
-    settings = GIMConfig.resolve(config, settings)
+    resolved = GIMConfig.resolve(config, settings)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
@@ -90,5 +90,5 @@ def gim_rules(
     with contextlib.ExitStack() as stack:
         stack.enter_context(exclusive(model))
         stack.enter_context(eager_calls(model))
-        install_rules(stack, find_rule_sites(model, strict=strict), settings)
-        yield settings
+        install_rules(stack, find_rule_sites(model, strict=strict), resolved)
+        yield resolved

@@ -12,7 +12,7 @@ from captum._utils.common import (
     _format_tensor_into_tuples,
 )
 from captum._utils.gradient import compute_layer_gradients_and_eval
-from captum._utils.typing import BaselineType, TargetType
+from captum._utils.typing import BaselineType, ModuleOrModuleList, TargetType
 from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -55,7 +55,7 @@ class LayerGIM(LayerGradientXActivation):
     def __init__(
         self,
         forward_func: Callable[..., Tensor],
-        layer: nn.Module | list[nn.Module],
+        layer: ModuleOrModuleList,
         model: nn.Module | None = None,
         *,
         device_ids: list[int] | None = None,
@@ -117,7 +117,7 @@ class LayerGIM(LayerGradientXActivation):
         self.strict = strict
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: Tensor | tuple[Tensor, ...],
         target: TargetType = None,
@@ -203,7 +203,7 @@ class LayerGIM(LayerGradientXActivation):
                 offload_to_cpu=self._memory_efficient,
             )
         if not isinstance(self.layer, list):
-            layer_gradients, layer_evals = [layer_gradients], [layer_evals]  # type: ignore[assignment]
+            layer_gradients, layer_evals = [layer_gradients], [layer_evals]
         results = []
         for gradients, evals, baselines in zip(layer_gradients, layer_evals, baselines_per_layer):
             evals = cast(tuple[Tensor, ...], evals)

@@ -122,13 +122,13 @@ def load_model(
         >>> tokenizer.decode(logits[0, -1].argmax())
         'positive'
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     path = model_path(name)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
 

@@ -77,7 +77,7 @@ def route_attention(module: nn.Module, config: GIMConfig) -> Iterator[None]:
     """
     register_gim_attention()
     implementation = attention_implementation(module) or "eager"
-    own_config = module.config
+    own_config: Any = module.config
     routed_config = copy.copy(own_config)
     routed_config._attn_implementation_internal = GIM_ATTENTION
     site = _AttentionSite(config, implementation, _eager_function_of(module))

@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch._dynamo.eval_frame import OptimizedModule
 
 _DROPOUT_CLASSES = (
     nn.Dropout,
@@ -24,7 +27,7 @@ _DROPOUT_CLASSES = (
 _DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_prob")
 
 
-def is_compiled_wrapper(module: object) -> bool:
+def is_compiled_wrapper(module: object) -> TypeGuard[OptimizedModule]:
     r"""
     Returns:
         *bool*: True when ``module`` is the wrapper returned by
@@ -73,13 +76,14 @@ def resolve_forward_and_model(
     """
     if is_compiled_wrapper(forward_func):
         wrapper = forward_func
-        forward_func = forward_func._orig_mod  # type: ignore[union-attr]
+        original = forward_func._orig_mod
+        forward_func = original
         if model is wrapper:
-            model = forward_func  # type: ignore[assignment]
+            model = original
     if is_compiled_wrapper(model):
-        if model._orig_mod is not forward_func:  # type: ignore[union-attr]
+        if model._orig_mod is not forward_func:
             raise _compiled_model_error("model")
-        model = forward_func  # type: ignore[assignment]
+        model = model._orig_mod
     if model is None and not needed and _module_of(forward_func) is None:
         return forward_func, None
     return forward_func, resolve_model(forward_func, model)

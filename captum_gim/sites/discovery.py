@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
+from typing import Any
 
 from torch import nn
 
@@ -215,13 +217,13 @@ def _looks_like_gated_mlp(module: nn.Module) -> bool:
 
 
 def _routes_attention(module: nn.Module) -> bool:
-    return hasattr(module, "config") and _forward_uses_interface(type(module))
+    return hasattr(module, "config") and _forward_uses_interface(type(module).forward)
 
 
 @cache
-def _forward_uses_interface(cls: type) -> bool:
+def _forward_uses_interface(forward: Callable[..., Any]) -> bool:
     try:
-        source = inspect.getsource(cls.forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source

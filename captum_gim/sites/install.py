@@ -96,10 +96,10 @@ def _install_gated_mlp_rule(
             _hook(stack, projection.register_forward_hook(_scale_output_hook(scale)))
     elif site.layout is GatedLayout.FUSED:
         hook = _scale_output_hook(config.gate_scale, config.up_scale)
-        _hook(stack, module.gate_up_proj.register_forward_hook(hook))
+        _hook(stack, module.get_submodule("gate_up_proj").register_forward_hook(hook))
     else:
-        hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
-        _hook(stack, module.act_fn.register_forward_pre_hook(hook))
+        pre_hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
+        _hook(stack, module.get_submodule("act_fn").register_forward_pre_hook(pre_hook))
 
 
 def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor | float:
