@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import GradientAttribution, InputXGradient
-from tiny_models import FAMILY_BY_NAME, logits_of, sample_ids
+from tiny_models import logits_of, sample_ids
 
 from captum_gim import GIMAttribution, GIMConfig
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return FAMILY_BY_NAME["llama"].build("sdpa")
-
-
-@pytest.fixture
-def embeds(llama):
-    return llama.get_input_embeddings()(sample_ids()).detach()
 
 
 def test_is_a_captum_gradient_attribution(llama) -> None:

@@ -64,6 +64,7 @@ def _number(cell: str) -> float:
     return float(cell.split(" ± ")[0])
 
 
+@pytest.mark.slow
 def test_fast_run_has_every_method_with_finite_numbers(fast_run, bench) -> None:
     names = _method_names(bench)
     assert set(fast_run.tables) == {"bundled", "minilm"}
@@ -80,6 +81,7 @@ def test_fast_run_has_every_method_with_finite_numbers(fast_run, bench) -> None:
             assert all(math.isfinite(v) for v in values), row
 
 
+@pytest.mark.slow
 def test_results_markdown_has_every_method_row_with_finite_numbers(fast_run, bench) -> None:
     markdown = fast_run.results_path.read_text()
     for heading in ("### (a) Bundled model", "### (b) all-MiniLM-L6-v2"):
@@ -91,12 +93,14 @@ def test_results_markdown_has_every_method_row_with_finite_numbers(fast_run, ben
             assert all(math.isfinite(n) for n in numbers), method
 
 
+@pytest.mark.slow
 def test_results_markdown_records_command_and_machine(fast_run) -> None:
     markdown = fast_run.results_path.read_text()
     assert "    python benchmarks/faithfulness.py --fast --out-dir " in markdown
     assert "cores (CPU only)" in markdown
 
 
+@pytest.mark.slow
 def test_only_the_faithfulness_section_is_replaced(fast_run, bench) -> None:
     text = fast_run.results_path.read_text()
     assert SPEED_SECTION in text
@@ -105,11 +109,13 @@ def test_only_the_faithfulness_section_is_replaced(fast_run, bench) -> None:
     assert fast_run.results_path.read_text() == text
 
 
+@pytest.mark.slow
 def test_figures_are_png_files(fast_run) -> None:
     for path in fast_run.figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_self_repair_covers_every_evidence_count_and_score(fast_run, bench) -> None:
     keys = {(row.count, row.score) for row in fast_run.self_repair}
     assert keys == {

@@ -56,7 +56,7 @@ def test_config_and_any_keyword_together_are_refused() -> None:
 
 
 def test_unknown_setting_is_refused_with_the_valid_names() -> None:
-    with pytest.raises(TypeError, match="Unknown GIM setting.*'temprature'.*'temperature'"):
+    with pytest.raises(TypeError, match=r"Unknown GIM setting.*'temprature'.*'temperature'"):
         GIMConfig.resolve(None, {"temprature": 2.0})  # type: ignore[typeddict-unknown-key]
 
 

@@ -20,12 +20,6 @@ from captum_gim.models import (
 from captum_gim.models.tasks import BLANK_TOKEN, RedundantEvidenceTask
 
 
-@pytest.fixture(scope="module")
-def bundled() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    torch.set_num_threads(1)
-    return load_model(DEFAULT_MODEL)
-
-
 def _answer_logits(model: PreTrainedModel, rows: list[list[int]]) -> torch.Tensor:
     """Last-position logits of equal-length rows of token ids."""
     with torch.no_grad():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from captum.attr import Saliency
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import FAMILY_BY_NAME, VOCAB, logits_of
+from tiny_models import VOCAB, logits_of, shared_model
 from torch import nn
 
 import captum_gim.sites.exclusive as exclusive
@@ -23,11 +22,6 @@ PROPERTY = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 MODELS = [("llama", "sdpa"), ("gpt2", "eager")]
-
-
-@functools.cache
-def _model(name: str, implementation: str) -> nn.Module:
-    return FAMILY_BY_NAME[name].build(implementation)
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -64,7 +58,7 @@ def _case(draw: st.DrawFn) -> dict:
         "batch-1": torch.randn((1, *shape[1:]), generator=generator),
         "full": torch.randn(shape, generator=generator),
     }[kind]
-    return dict(model=_model(name, implementation), ids=ids, target=target, baseline=baseline)
+    return dict(model=shared_model(name, implementation), ids=ids, target=target, baseline=baseline)
 
 
 def _difference(inputs: torch.Tensor, baseline: object) -> torch.Tensor:
@@ -132,7 +126,7 @@ def test_each_example_is_attributed_as_if_alone(case) -> None:
     form=st.sampled_from(["int", "list", "tensor"]),
 )
 def test_targets_out_of_range_name_target_and_the_range(batch, bad, form) -> None:
-    model = _model("llama", "sdpa")
+    model = shared_model("llama", "sdpa")
     embeds = torch.randn(batch, 4, 32)
     targets = [0] * (batch - 1) + [bad]
     target = {"int": bad, "list": targets, "tensor": torch.tensor(targets)}[form]
@@ -159,7 +153,7 @@ _SCALE = st.floats(-2.0, 2.0, allow_nan=False)
 def test_any_valid_settings_give_finite_deterministic_results(
     temperature, freeze_norm, scales, length
 ) -> None:
-    model = _model("llama", "sdpa")
+    model = shared_model("llama", "sdpa")
     embeds = model.get_input_embeddings()(torch.arange(3, 3 + length)[None]).detach()
     config = GIMConfig(temperature, freeze_norm, *scales)
     gim = GIMAttribution(logits_of(model), model, config=config)
@@ -182,7 +176,7 @@ def test_any_valid_settings_give_finite_deterministic_results(
 def test_invalid_settings_are_refused_naming_the_setting(setting, value) -> None:
     if setting != "temperature" and math.isfinite(value):
         value = math.nan  # any finite scale is valid
-    model = _model("llama", "sdpa")
+    model = shared_model("llama", "sdpa")
     with pytest.raises(ValueError, match=setting):
         with gim_rules(model, **{setting: value}):
             pass

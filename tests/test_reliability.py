@@ -14,66 +14,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.modules.module as module_globals
 from captum.attr import IntegratedGradients, Saliency
-from tiny_models import FAMILY_BY_NAME, logits_of, sample_ids
+from tiny_models import FAMILY_BY_NAME, assert_same, logits_of, sample_ids, snapshot
 from torch import nn
 
 import captum_gim.rules.norms as norms
 import captum_gim.sites.exclusive as exclusive
 import captum_gim.sites.install as install
 from captum_gim import GIMAttribution, GIMConfig, LayerGIM, gim_rules
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-GLOBAL_HOOK_DICTS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
-
-
-def _snapshot(model: nn.Module) -> dict:
-    """Everything a GIM call could leave behind on a model, copied."""
-    return {
-        "hooks": [
-            (name, *(tuple(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()
-        ],
-        "global_hooks": [len(getattr(module_globals, d)) for d in GLOBAL_HOOK_DICTS],
-        "configs": [
-            (name, id(m.config), m.config._attn_implementation)
-            for name, m in model.named_modules()
-            if hasattr(m, "config")
-        ],
-        "config_values": dict(model.config.__dict__) if hasattr(model, "config") else None,
-        "training": [m.training for m in model.modules()],
-        "compiled": [m.__dict__.get("_compiled_call_impl") for m in model.modules()],
-        "parameters": {
-            name: (
-                p.detach().clone(),
-                p.requires_grad,
-                None if p.grad is None else p.grad.clone(),
-                p._version,
-                p._backward_hooks,
-            )
-            for name, p in model.named_parameters()
-        },
-        "buffers": {name: b.clone() for name, b in model.named_buffers()},
-        "active": len(exclusive._active_modules),
-    }
-
-
-def _assert_same(before: dict, after: dict) -> None:
-    for key in ("hooks", "global_hooks", "configs", "config_values", "training", "active"):
-        assert before[key] == after[key], key
-    assert all(a is b for a, b in zip(before["compiled"], after["compiled"]))
-    for name, (value, requires_grad, grad, _, tensor_hooks) in before["parameters"].items():
-        now = after["parameters"][name]
-        assert torch.equal(value, now[0]) and requires_grad == now[1], name
-        assert (grad is None and now[2] is None) or torch.equal(grad, now[2]), name
-        assert tensor_hooks == now[4], name
-    for name, value in before["buffers"].items():
-        assert torch.equal(value, after["buffers"][name]), name
 
 
 def _prepare(model: nn.Module) -> nn.Module:
@@ -231,19 +179,19 @@ def test_model_left_exactly_as_it_was_after_a_fault(
     fault, name, implementation, monkeypatch
 ) -> None:
     model, embeds, gim_before, plain_before = _reference(name, implementation)
-    before = _snapshot(model)
+    before = snapshot(model)
     run, error, cleanup = fault(model, embeds, monkeypatch)
-    injected_hooks = _snapshot(model)["hooks"]  # a fault's own injection hook is not GIM's
+    injected_hooks = snapshot(model)["hooks"]  # a fault's own injection hook is not GIM's
     with pytest.raises(error):
         run()
-    after = _snapshot(model)
+    after = snapshot(model)
     assert after["hooks"] == injected_hooks
     after["hooks"] = before["hooks"]
-    _assert_same(before, after)
+    assert_same(before, after)
     if cleanup is not None:
         cleanup()
     monkeypatch.undo()
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     # Usable again, with exactly the results of an untouched model.
     assert torch.equal(_gim(model, embeds), gim_before)
     assert torch.equal(_plain(model, embeds), plain_before)
@@ -413,7 +361,7 @@ def test_rules_on_a_model_and_its_submodule_are_never_stacked() -> None:
     model = FAMILY_BY_NAME["llama"].build("sdpa")
     embeds = model.get_input_embeddings()(sample_ids()).detach()
     expected = _gim(model, embeds)
-    before = _snapshot(model)
+    before = snapshot(model)
 
     def inner(e):
         return model.lm_head(model.model(inputs_embeds=e).last_hidden_state)[:, -1]
@@ -425,21 +373,11 @@ def test_rules_on_a_model_and_its_submodule_are_never_stacked() -> None:
         with pytest.raises(RuntimeError, match="already active"):
             with gim_rules(model):
                 pass
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert torch.equal(_gim(model, embeds), expected)
 
 
 # ---------------------------------------------------------------- bad input
-
-
-@pytest.fixture(scope="module")
-def llama() -> nn.Module:
-    return FAMILY_BY_NAME["llama"].build("sdpa")
-
-
-@pytest.fixture
-def embeds(llama) -> torch.Tensor:
-    return llama.get_input_embeddings()(sample_ids()).detach()
 
 
 @pytest.mark.parametrize(
@@ -622,11 +560,11 @@ def test_module_compiled_in_place_runs_eagerly_under_the_rules() -> None:
     expected = _gim(model, embeds)
     model.compile(backend="eager")
     model.model.layers[0].compile(backend="eager")
-    before = _snapshot(model)
+    before = snapshot(model)
     assert torch.equal(_gim(model, embeds), expected)
     with gim_rules(model):
         assert model._compiled_call_impl is None
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     assert model._compiled_call_impl is not None
 
 
@@ -661,12 +599,12 @@ def test_reentrant_gradient_checkpointing_says_why_not() -> None:
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(
         RuntimeError, match=r"reentrant gradient checkpointing .*use_reentrant': False"
     ):
         _gim(model, embeds)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
 
 # -------------------------------------------------------------- determinism

@@ -8,60 +8,43 @@ import warnings
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
-from tiny_models import FAMILY_BY_NAME, PlainMLPModel, logits_of, sample_ids
+from tiny_models import (
+    FAMILY_BY_NAME,
+    PlainMLPModel,
+    assert_same,
+    logits_of,
+    sample_ids,
+    snapshot,
+)
 from torch import nn
 
 from captum_gim import GIMAttribution, GIMConfig, UnsupportedModuleError, gim_rules
 from captum_gim.sites.discovery import find_rule_sites
 
 
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "hooks": [
-            (name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for name, m in model.named_modules()
-        ],
-        "configs": [(name, id(getattr(m, "config", None))) for name, m in model.named_modules()],
-        "implementation": model.config._attn_implementation,
-        "training": [m.training for m in model.modules()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-    }
-
-
-def _assert_same(before: dict, after: dict) -> None:
-    for key in ("hooks", "configs", "implementation", "training", "requires_grad"):
-        assert before[key] == after[key], key
-    for name, tensor in before["state"].items():
-        assert torch.equal(tensor, after["state"][name]), name
-    for a, b in zip(before["grads"], after["grads"]):
-        assert (a is None and b is None) or torch.equal(a, b)
-
-
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_model_left_exactly_as_it_was(implementation) -> None:
     model = FAMILY_BY_NAME["llama"].build(implementation)
     model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
-    before = _snapshot(model)
+    before = snapshot(model)
     embeds = model.get_input_embeddings()(sample_ids()).detach()
     GIMAttribution(logits_of(model), model).attribute(embeds, target=3)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
 
 
 def test_model_restored_when_forward_raises_midway() -> None:
     model = FAMILY_BY_NAME["qwen2_moe"].build("sdpa")
-    before = _snapshot(model)
+    before = snapshot(model)
 
     def explode(module, args, output):
         raise KeyboardInterrupt
 
     handle = model.model.layers[1].mlp.register_forward_hook(explode)
-    before["hooks"] = _snapshot(model)["hooks"]
+    before["hooks"] = snapshot(model)["hooks"]
     embeds = model.get_input_embeddings()(sample_ids()).detach()
     with pytest.raises(KeyboardInterrupt):
         GIMAttribution(logits_of(model), model).attribute(embeds, target=3)
-    _assert_same(before, _snapshot(model))
+    assert_same(before, snapshot(model))
     handle.remove()
     GIMAttribution(logits_of(model), model).attribute(embeds, target=3)  # usable again
 

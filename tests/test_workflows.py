@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -19,27 +17,14 @@ from captum.attr import (
 from captum.attr import visualization as captum_viz
 from captum.metrics import infidelity, sensitivity_max
 from matplotlib.figure import Figure
-from tiny_models import FAMILY_BY_NAME, sample_ids
+from tiny_models import sample_ids, shared_model
 
 from captum_gim import GIMAttribution, LayerGIM
 from captum_gim.compare import logits_forward
-from captum_gim.models import load_model
 
 TARGET = 5
 OTHER = 9
 PAD = 0
-
-
-@pytest.fixture(scope="module")
-def tiny() -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return FAMILY_BY_NAME["llama"].build("sdpa")
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    torch.set_num_threads(1)
-    return load_model()
 
 
 def _embeds(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -123,26 +108,21 @@ def _padded_batch(side: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Ten
     return torch.stack(rows), torch.stack(masks), examples
 
 
-@functools.cache
-def _tiny_llama(implementation: str) -> torch.nn.Module:
-    return FAMILY_BY_NAME["llama"].build(implementation)
-
-
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("method", ["GIMAttribution", "LayerGIM"])
 def test_padded_batch_equals_each_example_alone_and_padding_gets_zero(
     method: str, side: str, implementation: str
 ) -> None:
-    tiny = _tiny_llama(implementation)
-    forward = logits_forward(tiny)  # reads each row at its last non-padding token
+    llama = shared_model("llama", implementation)
+    forward = logits_forward(llama)  # reads each row at its last non-padding token
 
     def token_scores(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if method == "GIMAttribution":
-            gim = GIMAttribution(forward, tiny)
-            inputs = _embeds(tiny, ids)
+            gim = GIMAttribution(forward, llama)
+            inputs = _embeds(llama, ids)
         else:
-            gim = LayerGIM(forward, tiny.get_input_embeddings(), tiny)
+            gim = LayerGIM(forward, llama.get_input_embeddings(), llama)
             inputs = ids
         return gim.attribute(inputs, target=TARGET, additional_forward_args=(mask,)).sum(-1)
 
@@ -158,69 +138,69 @@ def test_padded_batch_equals_each_example_alone_and_padding_gets_zero(
 # --------------------------------------------------------------------------- targets
 
 
-def test_target_token_id_at_the_last_position(tiny: torch.nn.Module) -> None:
+def test_target_token_id_at_the_last_position(llama: torch.nn.Module) -> None:
     ids = sample_ids(2, 6)
-    by_index = _gim(tiny, logits_forward(tiny), ids, target=TARGET)
-    by_scalar = _gim(tiny, lambda e: tiny(inputs_embeds=e).logits[:, -1, TARGET], ids)
+    by_index = _gim(llama, logits_forward(llama), ids, target=TARGET)
+    by_scalar = _gim(llama, lambda e: llama(inputs_embeds=e).logits[:, -1, TARGET], ids)
     torch.testing.assert_close(by_index, by_scalar)
     assert by_index.shape == (2, 6)
 
 
-def test_target_token_at_any_position_ignores_later_tokens(tiny: torch.nn.Module) -> None:
+def test_target_token_at_any_position_ignores_later_tokens(llama: torch.nn.Module) -> None:
     ids = sample_ids(1, 8)
     position = 3
-    scores = _gim(tiny, logits_forward(tiny, position=position), ids, target=TARGET)
+    scores = _gim(llama, logits_forward(llama, position=position), ids, target=TARGET)
     assert torch.count_nonzero(scores[0, position + 1 :]) == 0
     assert torch.count_nonzero(scores[0, : position + 1]) == position + 1
-    prefix = _gim(tiny, logits_forward(tiny), ids[:, : position + 1], target=TARGET)
+    prefix = _gim(llama, logits_forward(llama), ids[:, : position + 1], target=TARGET)
     torch.testing.assert_close(scores[:, : position + 1], prefix, atol=1e-5, rtol=1e-4)
 
 
 def test_log_probability_target_keeps_the_exact_log_softmax_gradient(
-    tiny: torch.nn.Module,
+    llama: torch.nn.Module,
 ) -> None:
     """GIM(log p_t) = GIM(logit_t) - GIM(sum_v p_v logit_v), with p held constant."""
     ids = sample_ids(1, 6)
-    log_prob = _gim(tiny, logits_forward(tiny, log_probs=True), ids, target=TARGET)
-    logit = _gim(tiny, logits_forward(tiny), ids, target=TARGET)
+    log_prob = _gim(llama, logits_forward(llama, log_probs=True), ids, target=TARGET)
+    logit = _gim(llama, logits_forward(llama), ids, target=TARGET)
     with torch.no_grad():
-        probs = torch.softmax(tiny(ids).logits[:, -1], dim=-1)
+        probs = torch.softmax(llama(ids).logits[:, -1], dim=-1)
 
     def expected_logit(embeds: torch.Tensor) -> torch.Tensor:
-        return (tiny(inputs_embeds=embeds).logits[:, -1] * probs).sum(-1)
+        return (llama(inputs_embeds=embeds).logits[:, -1] * probs).sum(-1)
 
     torch.testing.assert_close(
-        log_prob, logit - _gim(tiny, expected_logit, ids), atol=1e-5, rtol=1e-4
+        log_prob, logit - _gim(llama, expected_logit, ids), atol=1e-5, rtol=1e-4
     )
 
 
 def test_contrastive_target_is_the_difference_of_two_logit_attributions(
-    tiny: torch.nn.Module,
+    llama: torch.nn.Module,
 ) -> None:
     ids = sample_ids(2, 6)
 
     def contrast(embeds: torch.Tensor) -> torch.Tensor:
-        logits = tiny(inputs_embeds=embeds).logits[:, -1]
+        logits = llama(inputs_embeds=embeds).logits[:, -1]
         return logits[:, TARGET] - logits[:, OTHER]
 
-    difference = _gim(tiny, contrast, ids)
-    each = [_gim(tiny, logits_forward(tiny), ids, target=t) for t in (TARGET, OTHER)]
+    difference = _gim(llama, contrast, ids)
+    each = [_gim(llama, logits_forward(llama), ids, target=t) for t in (TARGET, OTHER)]
     torch.testing.assert_close(difference, each[0] - each[1], atol=1e-5, rtol=1e-4)
 
 
-def test_multi_token_continuation_sums_teacher_forced_log_probs(tiny: torch.nn.Module) -> None:
+def test_multi_token_continuation_sums_teacher_forced_log_probs(llama: torch.nn.Module) -> None:
     prompt, continuation = sample_ids(1, 5, seed=4), sample_ids(1, 3, seed=5)
     sequence = torch.cat([prompt, continuation], dim=1)
     n = prompt.shape[1]
 
     def continuation_log_prob(embeds: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(tiny(inputs_embeds=embeds).logits, dim=-1)
+        log_probs = torch.log_softmax(llama(inputs_embeds=embeds).logits, dim=-1)
         predicted = log_probs[:, n - 1 : -1]  # the positions that predict the continuation
         return predicted.gather(-1, continuation[..., None]).sum(dim=(1, 2))
 
-    whole = _gim(tiny, continuation_log_prob, sequence)[:, :n]
+    whole = _gim(llama, continuation_log_prob, sequence)[:, :n]
     by_token = sum(
-        _gim(tiny, logits_forward(tiny, log_probs=True), sequence[:, : n + k], target=int(token))[
+        _gim(llama, logits_forward(llama, log_probs=True), sequence[:, : n + k], target=int(token))[
             :, :n
         ]
         for k, token in enumerate(continuation[0])
@@ -231,11 +211,11 @@ def test_multi_token_continuation_sums_teacher_forced_log_probs(tiny: torch.nn.M
 # --------------------------------------------------------------------------- Captum tools
 
 
-def test_noise_tunnel_infidelity_and_sensitivity_run_on_gim(tiny: torch.nn.Module) -> None:
+def test_noise_tunnel_infidelity_and_sensitivity_run_on_gim(llama: torch.nn.Module) -> None:
     torch.manual_seed(0)
-    forward = logits_forward(tiny)
-    gim = GIMAttribution(forward, tiny)
-    embeds = _embeds(tiny, sample_ids(2, 6))
+    forward = logits_forward(llama)
+    gim = GIMAttribution(forward, llama)
+    embeds = _embeds(llama, sample_ids(2, 6))
 
     smooth = NoiseTunnel(gim).attribute(
         embeds, nt_type="smoothgrad", nt_samples=4, stdevs=0.01, target=TARGET

@@ -1,13 +1,18 @@
-"""Tiny random transformers of every supported family, built from config classes."""
+"""Tiny random transformers of every supported family, built from config classes,
+and a snapshot of everything a GIM call could leave behind on a model."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.modules.module as module_globals
 import transformers
 from torch import Tensor, nn
+
+import captum_gim.sites.exclusive as exclusive
 
 VOCAB = 64
 COMMON = dict(
@@ -134,6 +139,13 @@ FAMILIES = [
 FAMILY_BY_NAME = {family.name: family for family in FAMILIES}
 
 
+@functools.cache
+def shared_model(name: str, implementation: str = "sdpa") -> nn.Module:
+    """One model per family and attention implementation, built once and shared by
+    every test that leaves it as it was (tests that change a model build their own)."""
+    return FAMILY_BY_NAME[name].build(implementation)
+
+
 class PlainMLPModel(nn.Module):
     """A plain PyTorch model without attention: embeddings, LayerNorm, MLP, head."""
 
@@ -175,3 +187,56 @@ def logits_of(model: nn.Module) -> Callable[..., Tensor]:
 def sample_ids(batch: int = 2, length: int = 7, seed: int = 3) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a GIM call could leave behind on a model, copied."""
+    return {
+        "hooks": [
+            (name, *(tuple(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()
+        ],
+        "global_hooks": [len(getattr(module_globals, d)) for d in GLOBAL_HOOK_DICTS],
+        "configs": [
+            (name, id(m.config), m.config._attn_implementation)
+            for name, m in model.named_modules()
+            if hasattr(m, "config")
+        ],
+        "config_values": dict(model.config.__dict__) if hasattr(model, "config") else None,
+        "training": [m.training for m in model.modules()],
+        "compiled": [m.__dict__.get("_compiled_call_impl") for m in model.modules()],
+        "parameters": {
+            name: (
+                p.detach().clone(),
+                p.requires_grad,
+                None if p.grad is None else p.grad.clone(),
+                p._version,
+                p._backward_hooks,
+            )
+            for name, p in model.named_parameters()
+        },
+        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+        "active": len(exclusive._active_modules),
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    """Two snapshots of a model are equal: the model was left exactly as it was."""
+    for key in ("hooks", "global_hooks", "configs", "config_values", "training", "active"):
+        assert before[key] == after[key], key
+    assert all(a is b for a, b in zip(before["compiled"], after["compiled"]))
+    for name, (value, requires_grad, grad, _, tensor_hooks) in before["parameters"].items():
+        now = after["parameters"][name]
+        assert torch.equal(value, now[0]) and requires_grad == now[1], name
+        assert (grad is None and now[2] is None) or torch.equal(grad, now[2]), name
+        assert tensor_hooks == now[4], name
+    for name, value in before["buffers"].items():
+        assert torch.equal(value, after["buffers"][name]), name
