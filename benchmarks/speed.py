@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import results
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -128,7 +128,6 @@ def _peak_bytes(device: str) -> int:
 
 def measure(method: str, device: str, lengths: list[int], repeats: int, quick: bool) -> list[dict]:
     """Runs one method over the lengths in this process; returns one row per length."""
-    torch.set_num_threads(torch.get_num_threads())
     model = build_model(device, quick=quick)
     rows = []
     try:
@@ -256,14 +255,7 @@ def device_label(device: str) -> str:
 
 def write_section(markdown: str, device: str, path: Path = RESULTS) -> None:
     """Replaces this device's speed section of RESULTS.md, keeping everything else."""
-    start, end = f"<!-- speed-{device}:start -->", f"<!-- speed-{device}:end -->"
-    block = f"{start}\n{markdown}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    results.write_section(path, results.section(f"speed-{device}", markdown))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "faithfulness.py"
+sys.path.insert(0, str(SCRIPT.parent))  # its modules, as when run as a script
 SPEED_SECTION = "<!-- speed:start -->\n## Speed\n\nkept as is\n<!-- speed:end -->\n"
 
 

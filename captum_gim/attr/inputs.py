@@ -19,22 +19,17 @@ def check_nonempty_inputs(inputs: tuple[Any, ...]) -> None:
             )
 
 
-def check_float_inputs(inputs: tuple[Tensor, ...], layer_hint: bool = True) -> None:
+def check_float_inputs(inputs: tuple[Tensor, ...]) -> None:
     r"""Raises a clear error for integer (token id) or empty inputs."""
     for index, tensor in enumerate(inputs):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"inputs[{index}] must be a torch.Tensor, got {type(tensor).__name__}.")
         if not tensor.is_floating_point():
-            hint = (
-                " Token ids cannot carry gradients: attribute to the embeddings "
-                "with captum_gim.LayerGIM(model, model.get_input_embeddings()), "
-                "or pass inputs_embeds."
-                if layer_hint
-                else ""
-            )
             raise TypeError(
                 f"inputs[{index}] has dtype {tensor.dtype}; GIMAttribution needs "
-                f"floating-point inputs.{hint}"
+                "floating-point inputs. Token ids cannot carry gradients: attribute "
+                "to the embeddings with captum_gim.LayerGIM(model, "
+                "model.get_input_embeddings()), or pass inputs_embeds."
             )
         if tensor.numel() == 0:
             raise ValueError(

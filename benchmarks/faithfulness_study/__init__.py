@@ -1,0 +1,1 @@
+"""The jobs of benchmarks/faithfulness.py, one module each (see its docstring)."""
