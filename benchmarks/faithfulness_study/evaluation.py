@@ -13,11 +13,11 @@ from captum.attr import (
     DeepLift,
     Saliency,
 )
-from faithfulness_study.methods import REFERENCE_METHOD, Method, _summed
-from faithfulness_study.tasks import Benchmark, Prompt
 from torch import Tensor
 
 from captum_gim.metrics import comprehensiveness, sufficiency
+from faithfulness_study.methods import REFERENCE_METHOD, Method, _summed
+from faithfulness_study.tasks import Benchmark, Prompt
 
 # --------------------------------------------------------------------- evaluation
 

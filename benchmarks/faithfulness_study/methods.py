@@ -19,10 +19,10 @@ from captum.attr import (
     Lime,
     Saliency,
 )
-from faithfulness_study.tasks import BENCH_DIR, SEED
 from torch import Tensor, nn
 
 from captum_gim import GIMAttribution, GIMConfig
+from faithfulness_study.tasks import BENCH_DIR, SEED
 
 REFERENCE_METHOD = "InputXGradient"
 _RULES_OFF = GIMConfig.all_rules_off()

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+
 from faithfulness_study.evaluation import MethodRecord
 from faithfulness_study.self_repair import EVIDENCE_COUNTS, SELF_REPAIR_SCORES, SelfRepairRow
 from faithfulness_study.tasks import Benchmark
-from matplotlib.figure import Figure
 
 MAX_CURVE_STEPS = 12
 

@@ -12,6 +12,8 @@ import captum
 import numpy as np
 import torch
 import transformers
+from results import markers
+
 from faithfulness_study.evaluation import DeepLiftCheck, Summary, mean_and_error
 from faithfulness_study.methods import REFERENCE_METHOD, RunSettings
 from faithfulness_study.self_repair import (
@@ -24,7 +26,6 @@ from faithfulness_study.self_repair import (
     compare_gim_to_gradient,
 )
 from faithfulness_study.tasks import BUNDLED_SEED, SEED, Benchmark
-from results import markers
 
 START_MARKER, END_MARKER = markers("faithfulness")
 CURVES_PNG = "faithfulness_curves.png"

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from faithfulness_study.evaluation import mean_and_error, precision_at_k, replaceable_positions
-from faithfulness_study.methods import RULES_ALONE, gim_method, input_x_gradient
-from faithfulness_study.tasks import AnswerLogit, Prompt
 from torch import Tensor, nn
 
 from captum_gim import GIMConfig
 from captum_gim.models import load_task, make_examples
+from faithfulness_study.evaluation import mean_and_error, precision_at_k, replaceable_positions
+from faithfulness_study.methods import RULES_ALONE, gim_method, input_x_gradient
+from faithfulness_study.tasks import AnswerLogit, Prompt
 
 SELF_REPAIR_SEED = 2_000_000
 EVIDENCE_COUNTS = (1, 2, 3)
