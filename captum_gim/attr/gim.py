@@ -145,7 +145,8 @@ class GIMAttribution(GradientAttribution):
                         when forward_func returns one scalar per example). It is
                         checked against the output right after the forward pass:
                         an index out of range raises ``IndexError``, a target of
-                        the wrong form or length ``ValueError``.
+                        the wrong form or length ``ValueError``; both are also
+                        ``AssertionError``, which Captum raises for targets.
                         Default: None
             additional_forward_args (Any, optional): Further arguments of
                         forward_func after the inputs (e.g. the attention mask);

@@ -135,7 +135,8 @@ class LayerGIM(LayerGradientXActivation):
                         which gradients are computed, with Captum's usual
                         conventions; None when forward_func returns one scalar
                         per example. Checked against the output right after the
-                        forward pass (``IndexError`` when out of range).
+                        forward pass (``IndexError`` when out of range; also an
+                        ``AssertionError``, as Captum's target errors are).
                         Default: None
             additional_forward_args (Any, optional): Further arguments of
                         forward_func after the inputs (e.g. the attention mask).

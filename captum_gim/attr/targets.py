@@ -10,6 +10,21 @@ from captum._utils.typing import TargetType
 from torch import Tensor
 
 
+class TargetError(ValueError, AssertionError):
+    r"""
+    A target of the wrong form or length for the forward output. A
+    ``ValueError`` and, because Captum raises ``AssertionError`` for invalid
+    targets, an ``AssertionError`` too: code written for either catches it.
+    """
+
+
+class TargetIndexError(IndexError, AssertionError):
+    r"""
+    A target index out of range for the forward output: an ``IndexError`` and,
+    as Captum's target errors are, an ``AssertionError``.
+    """
+
+
 def checked_forward(forward_func: Callable[..., Any], target: TargetType) -> Callable[..., Any]:
     r"""
     Wraps ``forward_func`` so that ``target`` is checked against its output
@@ -121,14 +136,14 @@ def check_target(target: TargetType, output: Tensor) -> None:
     """
     shape = tuple(output.shape)
     if not shape:
-        raise ValueError(
+        raise TargetError(
             "forward_func returned a single scalar (shape ()); Captum needs one "
             "output per example: return shape (batch,) for one scalar per "
             "example, or (batch, n_outputs) and pass target=."
         )
     if target is None:
         if output[0].numel() != 1:
-            raise ValueError(
+            raise TargetError(
                 f"target is None, but forward_func returns {shape[1:]} outputs per "
                 f"example (output shape {shape}). Pass target= (e.g. a class index "
                 "in [0, "
@@ -145,7 +160,7 @@ def check_target(target: TargetType, output: Tensor) -> None:
         elif target.dim() == 1:
             target = [int(index) for index in target.tolist()]
         else:
-            raise ValueError(
+            raise TargetError(
                 f"target has shape {tuple(target.shape)}; a tensor target is one "
                 f"index for every example (one element) or one index per example "
                 f"(shape ({shape[0]},))."
@@ -154,13 +169,13 @@ def check_target(target: TargetType, output: Tensor) -> None:
         _check_index(target, shape, "target")
     elif isinstance(target, list):
         if len(target) != shape[0]:
-            raise ValueError(
+            raise TargetError(
                 f"target has {len(target)} entries but the batch has {shape[0]} "
                 f"examples (output shape {shape}); pass one target per example, or "
                 "one int for all."
             )
         if target and all(isinstance(t, int) for t in target) and len(shape) != 2:
-            raise ValueError(
+            raise TargetError(
                 f"target is a list of ints, which needs an output of shape (batch, "
                 f"n_outputs), but forward_func returns shape {shape}; pass a list of "
                 "tuples, one index per output dimension after the batch."
@@ -175,7 +190,7 @@ def _check_index(
 ) -> None:
     indices = (index,) if isinstance(index, int) else index
     if len(indices) > len(shape) - 1:
-        raise ValueError(
+        raise TargetError(
             f"{name} = {index!r} has {len(indices)} indices, but the output of "
             f"forward_func has shape {shape}: at most {len(shape) - 1} (one per "
             "dimension after the batch)."
@@ -187,7 +202,7 @@ def _check_index(
         low = 0 if per_example and isinstance(index, int) else -size
         if not low <= value < size:
             allowed = f"[0, {size - 1}]" if low == 0 else f"[{low}, {size - 1}]"
-            raise IndexError(
+            raise TargetIndexError(
                 f"{name} = {index!r} is out of range for the output of forward_func "
                 f"of shape {shape}: the index of dimension {dim} must be in {allowed}."
             )
