@@ -98,6 +98,10 @@ class RuleSites:
     norms: list[NormSite] = field(default_factory=list)
     attentions: list[tuple[str, nn.Module]] = field(default_factory=list)
     gated_mlps: list[GatedMLPSite] = field(default_factory=list)
+    #: PyTorch's own nn.MultiheadAttention modules (sites/torch_attention.py).
+    torch_attentions: list[tuple[str, nn.MultiheadAttention]] = field(default_factory=list)
+    #: nn.TransformerEncoder modules, whose nested-tensor fast path is switched off.
+    torch_encoders: list[nn.TransformerEncoder] = field(default_factory=list)
 
 
 class UnsupportedModuleError(TypeError):
@@ -125,6 +129,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     problems: list[str] = []
     modules = list(model.named_modules())
     routed = {name for name, module in modules if _routes_attention(module)}
+    covered = routed | {n for n, m in modules if isinstance(m, nn.MultiheadAttention)}
     for name, module in modules:
         label = name or "<model>"
         norm = _norm_site(label, module)
@@ -136,7 +141,11 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                 "layer of unknown form; add its class to "
                 "captum_gim.architectures.RMS_NORM_CLASSES if it is an RMSNorm"
             )
-        if name in routed:
+        if isinstance(module, nn.TransformerEncoder):
+            sites.torch_encoders.append(module)
+        if isinstance(module, nn.MultiheadAttention):
+            sites.torch_attentions.append((label, module))
+        elif name in routed:
             implementation = attention_implementation(module)
             if implementation in SUPPORTED_IMPLEMENTATIONS:
                 sites.attentions.append((label, module))
@@ -147,7 +156,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                     "attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation('sdpa')"
                 )
-        elif _looks_like_attention(module) and not _contains_any(name, routed):
+        elif _looks_like_attention(module) and not _contains_any(name, covered):
             problems.append(
                 f"'{label}' ({type(module).__name__}) computes attention without "
                 "transformers' AttentionInterface, so the softmax and q/k/v rules "

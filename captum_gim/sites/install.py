@@ -19,6 +19,7 @@ from captum_gim.sites.discovery import (
     RuleSites,
     UnsupportedModuleError,
 )
+from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
 
 
 def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig) -> None:
@@ -40,6 +41,9 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
     if config.attention_rules_on:
         for _, attention in sites.attentions:
             stack.enter_context(route_attention(attention, config))
+        for name, torch_attention in sites.torch_attentions:
+            install_torch_attention(stack, name, torch_attention, config)
+        disable_nested_fast_path(stack, sites.torch_encoders)
 
 
 def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
