@@ -166,7 +166,7 @@ def test_mha_mismatch_is_refused_by_name() -> None:
 
     model = SelfAttention().eval()
     model.attention.__class__ = Shifted
-    with pytest.raises(UnsupportedModuleError, match="'attention' \\(MultiheadAttention\\)"):
+    with pytest.raises(UnsupportedModuleError, match=r"'attention' \(MultiheadAttention\)"):
         GIMAttribution(model).attribute(_embeds(), 0)
     assert _hooks(model) == 0
 
@@ -175,7 +175,7 @@ def test_mha_training_dropout_is_refused() -> None:
     model = SelfAttention()
     model.attention.dropout = 0.1
     model.train()
-    with pytest.raises(UnsupportedModuleError, match="model.eval"):
+    with pytest.raises(UnsupportedModuleError, match=r"model\.eval"):
         GIMAttribution(model).attribute(_embeds(), 0)
 
 
