@@ -10,6 +10,7 @@ import torch
 import transformers
 from captum.attr import InputXGradient
 from captum.attr import visualization as viz
+from reference import reference_gradient
 from torch import Tensor, nn
 
 from captum_gim import GIMAttribution, GIMConfig
@@ -61,6 +62,8 @@ def test_hf_vision_transformers_all_rules(
     ours = GIMAttribution(forward, model).attribute(_images(), 3)
     assert ours.shape == _images().shape and torch.isfinite(ours).all()
     assert not torch.allclose(ours, off)
+    reference = reference_gradient(model, forward, _images(), 3, GIMConfig()) * _images()
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
     # the eager and sdpa implementations give the same GIM attributions
     other = _hf_model(config_class, model_class, {"eager": "sdpa", "sdpa": "eager"}[implementation])
     again = GIMAttribution(_logits(other), other).attribute(_images(), 3)
