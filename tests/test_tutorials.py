@@ -24,11 +24,12 @@ def _read(path: Path):
     return nbformat.read(path, as_version=4)
 
 
-def test_the_three_tutorials_are_there() -> None:
+def test_the_tutorials_are_there() -> None:
     assert [p.name for p in NOTEBOOKS] == [
         "GIM_vs_Captum_gradients.ipynb",
         "IntegratedGradients_under_gim_rules.ipynb",
         "LLMGradientAttribution_with_LayerGIM.ipynb",
+        "Vision_transformers_with_GIM.ipynb",
     ]
 
 
