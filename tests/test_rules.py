@@ -96,6 +96,13 @@ class _CustomNorm(nn.Module):
         return x / x.norm(dim=-1, keepdim=True)
 
 
+class _CustomAttention(nn.Module):
+    """Attention of its own (not nn.MultiheadAttention, which is supported)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+
+
 class _GatedMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -110,7 +117,7 @@ class _GatedMLP(nn.Module):
     ("part", "message"),
     [
         (_CustomNorm(), "normalization layer of unknown form"),
-        (nn.MultiheadAttention(4, 2), "without transformers' AttentionInterface"),
+        (_CustomAttention(), "without transformers' AttentionInterface"),
         (_GatedMLP(), "gated MLP of unknown form"),
     ],
 )
