@@ -103,6 +103,7 @@ def test_torchvision_vit_b_16_architecture() -> None:
 
     torch.manual_seed(0)
     model = vit_b_16(weights=None, image_size=32, num_classes=4).eval()  # random weights
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     off = GIMAttribution(model, config=OFF).attribute(images, 2)
     torch.testing.assert_close(off, InputXGradient(model).attribute(images, 2))
