@@ -86,7 +86,11 @@ class LLMGIMAttribution(LLMGradientAttribution):
         self.strict = strict
         self.score = score
         layer_gim = LayerGIM(
-            model, model.get_input_embeddings(), model, config=self.config, strict=strict
+            model,
+            model.get_input_embeddings(),
+            model,
+            config=self.config,
+            strict=strict,  # type: ignore[operator]
         )
         super().__init__(layer_gim, tokenizer)
 
