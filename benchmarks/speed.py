@@ -11,6 +11,7 @@ Usage::
     python benchmarks/speed.py                    # CPU, writes benchmarks/RESULTS.md
     python benchmarks/speed.py --device cuda      # adds a GPU section
     python benchmarks/speed.py --quick            # a smoke run (tests use it)
+    python benchmarks/speed.py --multi-token      # only the multi-token table
 """
 
 from __future__ import annotations
@@ -244,6 +245,100 @@ def table(rows: list[dict], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+MULTI_TOKEN_COUNTS = (1, 8, 32, 128)
+MULTI_TOKEN_METHODS = (
+    "LLMGIMAttribution",
+    "Captum LLMGradientAttribution(LayerGIM)",
+    "Captum LLMGradientAttribution(LayerIntegratedGradients)",
+)
+# LayerIntegratedGradients (50 steps per target token) runs only up to this many tokens.
+MULTI_TOKEN_IG_MAX = 8
+
+
+def multi_token_rows(prompt_length: int, repeats: int, quick: bool) -> list[dict]:
+    """Seconds to attribute 1, 8, 32, 128 target tokens to a prompt, the methods
+    interleaved inside every repeat so that a shared CPU slows them alike."""
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from captum_gim import LayerGIM, LLMGIMAttribution
+    from captum_gim.models import load_model
+
+    _, tokenizer = load_model()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64 if quick else 128,
+        intermediate_size=128 if quick else 344,
+        num_hidden_layers=2 if quick else 4,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    )
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    embeddings = model.get_input_embeddings()
+    runners = {
+        MULTI_TOKEN_METHODS[0]: LLMGIMAttribution(model, tokenizer),
+        MULTI_TOKEN_METHODS[1]: LLMGradientAttribution(
+            LayerGIM(model, embeddings, model), tokenizer
+        ),
+        MULTI_TOKEN_METHODS[2]: LLMGradientAttribution(
+            LayerIntegratedGradients(model, embeddings), tokenizer
+        ),
+    }
+    words = [w for w in tokenizer.get_vocab() if w.isalpha()]
+    generator = torch.Generator().manual_seed(2)
+    picks = torch.randint(0, len(words), (prompt_length - 1,), generator=generator)
+    inp = TextTokenInput(" ".join(words[i] for i in picks), tokenizer)
+    counts = [1, 4] if quick else list(MULTI_TOKEN_COUNTS)
+    targets = {k: torch.randint(4, len(tokenizer), (k,), generator=generator) for k in counts}
+    times: dict[tuple[str, int], list[float]] = {}
+    for repeat in range(repeats + 1):  # the first round is a warm-up
+        for count in counts:
+            for method, runner in runners.items():
+                if method == MULTI_TOKEN_METHODS[2] and count > MULTI_TOKEN_IG_MAX:
+                    continue
+                start = time.perf_counter()
+                runner.attribute(inp, target=targets[count])
+                if repeat:
+                    times.setdefault((method, count), []).append(time.perf_counter() - start)
+    return [
+        {"method": m, "targets": k, "seconds": statistics.median(t), "runs": len(t)}
+        for (m, k), t in times.items()
+    ]
+
+
+def multi_token_table(rows: list[dict], prompt_length: int, quick: bool) -> str:
+    counts = sorted({r["targets"] for r in rows})
+    seconds = {(r["method"], r["targets"]): r["seconds"] for r in rows}
+    model = "2 x 64" if quick else "4 layers x 128 wide"
+    lines = [
+        f"### Multi-token targets: a {prompt_length}-token prompt, Llama {model}, "
+        "random weights, sdpa, vocabulary of the bundled tokenizer",
+        "",
+        "Seconds per `attribute` call (median of "
+        f"{rows[0]['runs'] if rows else 0} interleaved runs after a warm-up round) "
+        "and the speed-up of LLMGIMAttribution (same log-probability score, "
+        "equal attributions). LayerIntegratedGradients runs with Captum's default "
+        f"50 steps, only up to {MULTI_TOKEN_IG_MAX} target tokens on this CPU.",
+        "",
+        "| method | " + " | ".join(f"{k} tokens" for k in counts) + " |",
+        "| --- |" + " ---: |" * len(counts),
+    ]
+    ours = MULTI_TOKEN_METHODS[0]
+    for method in MULTI_TOKEN_METHODS:
+        cells = []
+        for k in counts:
+            t = seconds.get((method, k))
+            if t is None:
+                cells.append("not run")
+            elif method == ours:
+                cells.append(f"{t:.2f} s")
+            else:
+                cells.append(f"{t:.2f} s ({t / seconds[(ours, k)]:.1f}x slower)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def device_label(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -268,7 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,2,4,8", help="for the throughput table")
     parser.add_argument("--batch-length", type=int, default=512)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--multi-token", action="store_true", help="only the multi-token table")
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="torch threads (1 on a shared CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.multi_token:
+        if args.quick:
+            args.prompt_length, args.repeats = 32, 1
+        rows = multi_token_rows(args.prompt_length, args.repeats, args.quick)
+        markdown = (
+            f"## Multi-token targets ({device_label(args.device)})\n\n"
+            "Regenerate with `python benchmarks/speed.py --multi-token`. The machine was "
+            "shared with other jobs during the run; the methods are interleaved inside "
+            "every repeat so that ratios stay fair.\n\n"
+            + multi_token_table(rows, args.prompt_length, args.quick)
+        )
+        print(markdown)
+        write_section(markdown, "multi-token", args.out)
+        return 0
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.quick:
         lengths, args.repeats = [16, 32], 1

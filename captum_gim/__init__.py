@@ -4,6 +4,7 @@ The public API:
 
 - :class:`GIMAttribution`: attributions to input embeddings.
 - :class:`LayerGIM`: attributions to a layer (e.g. the token embeddings).
+- :class:`LLMGIMAttribution`: every generated token's attributions in one pass.
 - :func:`gim_rules`: the GIM backward rules for any Captum gradient method.
 - :class:`GIMConfig`: the seven settings of the rules.
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
@@ -12,6 +13,7 @@ The public API:
 from captum_gim.attr.gim import GIMAttribution
 from captum_gim.attr.gim_rules import gim_rules
 from captum_gim.attr.layer_gim import LayerGIM
+from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.sites.discovery import UnsupportedModuleError
@@ -22,6 +24,7 @@ __all__ = [
     "ComparisonResult",
     "GIMAttribution",
     "GIMConfig",
+    "LLMGIMAttribution",
     "LayerGIM",
     "UnsupportedModuleError",
     "__version__",

@@ -26,3 +26,11 @@ def test_quick_measurements_and_table(tmp_path) -> None:
     speed.write_section("second", "cpu", results)
     text = results.read_text()
     assert "kept" in text and "second" in text and "first" not in text
+
+
+@pytest.mark.slow
+def test_quick_multi_token_table_writes_only_the_given_path(tmp_path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert speed.main(["--multi-token", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| LLMGIMAttribution | " in text and "x slower" in text

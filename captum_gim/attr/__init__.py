@@ -8,5 +8,6 @@ with Captum's helpers, multiply by ``inputs - baselines``, remove the rules.
 from captum_gim.attr.gim import GIMAttribution
 from captum_gim.attr.gim_rules import gim_rules
 from captum_gim.attr.layer_gim import LayerGIM
+from captum_gim.attr.llm import LLMGIMAttribution
 
-__all__ = ["GIMAttribution", "LayerGIM", "gim_rules"]
+__all__ = ["GIMAttribution", "LLMGIMAttribution", "LayerGIM", "gim_rules"]

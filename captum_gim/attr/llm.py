@@ -1,0 +1,228 @@
+"""LLMGIMAttribution: GIM attributions of every generated token from one pass."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from captum.attr import LLMAttributionResult, LLMGradientAttribution, TextTokenInput
+from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens
+from captum.attr._utils.interpretable_input import InterpretableInput
+from torch import Tensor, nn
+from typing_extensions import Unpack
+
+from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.layer_gim import LayerGIM
+from captum_gim.config import GIMConfig, GIMSettings
+
+Score = Literal["log_prob", "logit"]
+
+#: Tokens (copies x sequence length) run through the model in one pass.
+BATCH_TOKENS = 8192
+
+
+class LLMGIMAttribution(LLMGradientAttribution):
+    r"""
+    GIM attributions of a whole target sequence (or generation) to the prompt
+    tokens, with Captum's ``LLMGradientAttribution`` interface and result.
+
+    Captum's ``LLMGradientAttribution(LayerGIM(...))`` runs one forward and one
+    backward pass per target token. Under teacher forcing one forward pass over
+    prompt + target gives every target token's score, as causal attention makes
+    the score of token ``k`` depend only on the tokens before it, and one
+    batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``)
+    gives the gradients of all the scores at once. The results equal the
+    token-by-token ones (up to float rounding).
+
+    Attributions are ``embedding x GIM gradient`` summed over the embedding
+    dimension, as ``LLMGradientAttribution(LayerGIM(...))`` computes them.
+
+    Args:
+        model (nn.Module): A transformers causal language model (with
+                    ``get_input_embeddings`` and ``generate``).
+        tokenizer: Its tokenizer.
+        config (GIMConfig, optional): The seven settings as one object.
+                    Default: None
+        strict (bool, optional): Raise for parts of the model the rules cannot
+                    reach; with False they keep exact gradients (a warning).
+                    Default: True
+        score (str, optional): What is attributed for each target token:
+                    ``"log_prob"`` (its log-probability, Captum's choice) or
+                    ``"logit"`` (its logit, as in the GIM paper).
+                    Default: ``"log_prob"``
+        **settings: Any of the seven settings of :class:`GIMConfig` as
+                    keywords. Not together with ``config``.
+
+    Examples::
+
+        >>> from captum.attr import TextTokenInput
+        >>> from captum_gim import LLMGIMAttribution
+        >>> from captum_gim.models import load_model
+        >>> model, tokenizer = load_model()
+        >>> llm_gim = LLMGIMAttribution(model, tokenizer)
+        >>> inp = TextTokenInput("a b c", tokenizer)
+        >>> result = llm_gim.attribute(inp, target=" d e")
+        >>> result.token_attr.shape  # target tokens x prompt tokens
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        config: GIMConfig | None = None,
+        strict: bool = True,
+        score: Score = "log_prob",
+        **settings: Unpack[GIMSettings],
+    ) -> None:
+        if score not in ("log_prob", "logit"):
+            raise ValueError(f"score must be 'log_prob' or 'logit', got {score!r}.")
+        if not hasattr(model, "get_input_embeddings"):
+            raise TypeError(
+                f"LLMGIMAttribution needs a transformers causal LM with "
+                f"get_input_embeddings(), got {type(model).__name__}."
+            )
+        self.config = GIMConfig.resolve(config, settings)
+        self.strict = strict
+        self.score = score
+        layer_gim = LayerGIM(
+            model,
+            model.get_input_embeddings(),
+            model,
+            config=self.config,
+            strict=strict,  # type: ignore[operator]
+        )
+        super().__init__(layer_gim, tokenizer)
+
+    def attribute(  # type: ignore[override]
+        self,
+        inp: InterpretableInput | list[InterpretableInput],
+        target: str | Tensor | list[str | Tensor] | None = None,
+        gen_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> LLMAttributionResult | list[LLMAttributionResult]:
+        r"""
+        Args:
+            inp (TextTokenInput or list): The prompt, as Captum's
+                        ``TextTokenInput`` (its ``skip_tokens`` are left out of
+                        the result, as in Captum), or a list of prompts: one
+                        result per prompt (each prompt is one forward and one
+                        backward pass).
+            target (str, Tensor, list or None, optional): The target text, or
+                        its token ids (1-D); None generates it with
+                        ``model.generate(**gen_args)``. A list with one target
+                        per prompt when ``inp`` is a list.
+                        Default: None
+            gen_args (dict, optional): Arguments of ``generate`` when target is
+                        None (Captum's defaults when None).
+                        Default: None
+            **kwargs: Not supported (the token-by-token path of
+                        :meth:`attribute_token_by_token` takes LayerGIM's).
+
+        Returns:
+            *LLMAttributionResult* (or a list of them): ``token_attr`` of shape
+            ``target tokens x prompt tokens``, ``seq_attr`` its sum over the
+            target tokens, and the tokens, ready for ``plot_token_attr`` and
+            ``plot_seq_attr``.
+        """
+        if kwargs:
+            raise TypeError(
+                f"LLMGIMAttribution.attribute got unsupported arguments "
+                f"{sorted(kwargs)}; use attribute_token_by_token for LayerGIM's arguments."
+            )
+        if isinstance(inp, list):
+            targets = target if isinstance(target, list) else [target] * len(inp)
+            if len(targets) != len(inp):
+                raise ValueError(
+                    f"{len(inp)} prompts but {len(targets)} targets; pass one target per prompt."
+                )
+            return [self._attribute_one(i, t, gen_args) for i, t in zip(inp, targets)]
+        if isinstance(target, list):
+            raise TypeError("A list of targets needs a list of prompts (one target per prompt).")
+        return self._attribute_one(inp, target, gen_args)
+
+    def attribute_token_by_token(
+        self,
+        inp: InterpretableInput,
+        target: str | Tensor | None = None,
+        gen_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> LLMAttributionResult:
+        r"""
+        The same attributions computed as Captum's
+        ``LLMGradientAttribution(LayerGIM(...))`` computes them: one forward and
+        one backward pass per target token (slow; a reference). Only with
+        ``score="log_prob"``, Captum's score. Arguments as for :meth:`attribute`;
+        ``kwargs`` go to ``LayerGIM.attribute``.
+        """
+        if self.score != "log_prob":
+            raise ValueError("attribute_token_by_token computes Captum's log_prob score only.")
+        return super().attribute(inp, target, gen_args, **kwargs)
+
+    def _attribute_one(
+        self,
+        inp: InterpretableInput,
+        target: str | Tensor | None,
+        gen_args: dict[str, Any] | None,
+    ) -> LLMAttributionResult:
+        if not isinstance(inp, TextTokenInput):
+            raise TypeError(
+                f"LLMGIMAttribution attributes to tokens and takes a TextTokenInput, got "
+                f"{type(inp).__name__}; build one with TextTokenInput(text, tokenizer)."
+            )
+        target_tokens = self._get_target_tokens(inp, target, gen_args=gen_args)
+        target_tokens = target_tokens.reshape(-1).to(self.device)
+        if target_tokens.numel() == 0:
+            raise ValueError("The target is empty; pass at least one target token.")
+        prompt = self._format_model_input(inp.to_model_input())["input_ids"]
+        token_attr = self._token_attributions(prompt, target_tokens)
+        if inp.itp_mask is not None:
+            token_attr = token_attr[:, inp.itp_mask[0].to(token_attr.device)]
+        return LLMAttributionResult(
+            seq_attr=token_attr.sum(0),
+            token_attr=token_attr,
+            input_tokens=inp.values,
+            output_tokens=_convert_ids_to_pretty_tokens(target_tokens, self.tokenizer),
+        )
+
+    def _token_attributions(self, prompt: Tensor, target_tokens: Tensor) -> Tensor:
+        """``target tokens x prompt tokens``: the teacher-forced sequence is
+        repeated once per target token along the batch, and one forward and one
+        backward pass per chunk of copies give copy ``k`` the gradient of target
+        ``k``'s score alone."""
+        n_target = target_tokens.numel()
+        ids = torch.cat([prompt, target_tokens[:-1].unsqueeze(0).to(prompt)], dim=1)
+        chunk = max(1, BATCH_TOKENS // ids.shape[1])
+        rows = [
+            self._chunk_attributions(ids, prompt.shape[1], target_tokens, start, chunk)
+            for start in range(0, n_target, chunk)
+        ]
+        return torch.cat(rows)
+
+    def _chunk_attributions(
+        self, ids: Tensor, n_prompt: int, target_tokens: Tensor, start: int, chunk: int
+    ) -> Tensor:
+        n_target = target_tokens.numel()
+        positions = torch.arange(start, min(start + chunk, n_target), device=ids.device)
+        captured: list[Tensor] = []
+
+        def capture(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
+            activation = output.detach().requires_grad_()
+            captured.append(activation)
+            return activation
+
+        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+        handle = embeddings.register_forward_hook(capture)
+        try:
+            with torch.enable_grad(), gim_rules(self.model, config=self.config, strict=self.strict):
+                copies = ids.expand(len(positions), -1)
+                logits = self.model(copies, logits_to_keep=n_target).logits
+                rows = torch.arange(len(positions), device=ids.device)
+                logits = logits[rows, positions]
+                scores = logits if self.score == "logit" else torch.log_softmax(logits, -1)
+                score = scores[rows, target_tokens[positions]].sum()
+                (activation,) = captured
+                (gradient,) = torch.autograd.grad(score, activation)
+        finally:
+            handle.remove()
+        return (gradient[:, :n_prompt] * activation.detach()[:, :n_prompt]).sum(-1)
