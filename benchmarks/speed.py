@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -353,13 +354,22 @@ def write_section(markdown: str, device: str, path: Path = RESULTS) -> None:
     results.write_section(path, results.section(f"speed-{device}", markdown))
 
 
+def smoke_path() -> Path:
+    """A fresh temporary results file for a smoke run (never the committed one)."""
+    folder = Path(tempfile.mkdtemp(prefix="captum_gim_speed_"))
+    print(f"smoke run: writing {folder / 'RESULTS.md'}", file=sys.stderr)
+    return folder / "RESULTS.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--out", type=Path, help="results file (default: RESULTS.md; a temporary file with --quick)"
+    )
     parser.add_argument("--batch-sizes", default="1,2,4,8", help="for the throughput table")
     parser.add_argument("--batch-length", type=int, default=512)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -367,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared CPU)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = smoke_path() if args.quick else RESULTS
+    elif args.quick and args.out.resolve() == RESULTS.resolve():
+        parser.error("--quick is a smoke run and never writes benchmarks/RESULTS.md; drop --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.multi_token:

@@ -34,3 +34,13 @@ def test_quick_multi_token_table_writes_only_the_given_path(tmp_path) -> None:
     assert speed.main(["--multi-token", "--quick", "--threads", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| LLMGIMAttribution | " in text and "x slower" in text
+
+
+def test_quick_run_refuses_to_write_the_committed_results() -> None:
+    with pytest.raises(SystemExit):
+        speed.main(["--multi-token", "--quick", "--out", str(speed.RESULTS)])
+
+
+def test_quick_run_defaults_to_a_temporary_results_file() -> None:
+    path = speed.smoke_path()
+    assert path.resolve() != speed.RESULTS.resolve() and not path.exists()
