@@ -16,6 +16,8 @@ from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.sites.discovery import UnsupportedModuleError
 
+from captum_gim import circuits  # noqa: E402  (needs the names above)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "LayerGIM",
     "UnsupportedModuleError",
     "__version__",
+    "circuits",
     "compare",
     "gim_rules",
 ]
