@@ -129,7 +129,8 @@ def attribution_patching(
                 atp_star.records_for(store, [layer])[0]
                 for store in (clean_attention, corrupted_attention)
             )
-            per_example[kind].append(atp_star.head_scores(clean_rec, corrupted_rec, grad, layer))
+            scores = atp_star.head_scores(clean_rec, corrupted_rec, grad, layer)
+            per_example[kind].append(scores.to(grad.dtype))
             continue
         difference = clean_acts[site] - taps[site][0]
         per_example[kind].append(_reduce(kind, parts, difference * grad_of[site]))
