@@ -392,6 +392,28 @@ def correlation_table(rows: list[tuple[str, CircuitResult, dict[str, CircuitResu
     return "\n".join(lines)
 
 
+def gim_vs_atp_notes(pearsons: dict[tuple[str, str, str], float], layers: dict[str, int]) -> str:
+    r"""Plain sentences: where GIM's Pearson r is below AtP's, and trivial MLP rows."""
+    below, at_least = [], []
+    for (name, method, kind), value in pearsons.items():
+        if method != "gim" or (kind == "mlps" and layers[name] <= 2):
+            continue
+        atp = pearsons[(name, "atp", kind)]
+        entry = f"{name} {kind} ({value:.3f} vs {atp:.3f})"
+        (below if value < atp else at_least).append(entry)
+    trivial = [name for name, count in layers.items() if count <= 2]
+    notes = [
+        "GIM's Pearson r is at least AtP's on: " + ("; ".join(at_least) or "none") + ".",
+        "GIM's Pearson r is BELOW AtP's on: " + ("; ".join(below) or "none") + ".",
+    ]
+    if trivial:
+        notes.append(
+            "MLP correlations of " + ", ".join(trivial) + " are over two MLPs (two layers) and "
+            "therefore +-1 for any method; they say nothing."
+        )
+    return "\n".join(f"- {note}" for note in notes)
+
+
 def self_repair_table(rows: list[tuple[str, dict[str, dict[str, float]]]]) -> str:
     lines = [
         "| model | heads x examples | plain gradient r | plain rho | tempered T=2 r | T=2 rho |",
@@ -438,6 +460,13 @@ def main(argv: list[str] | None = None) -> Path:
         repairs.append((task.name, self_repair(task)))
         print(f"done: {task.name} ({time.perf_counter() - start:.0f}s)", flush=True)
     table, repair = correlation_table(correlations), self_repair_table(repairs)
+    pearsons = {
+        (name, method, kind): scores[kind]["pearson"]
+        for name, truth, estimates in correlations
+        for method, result in estimates.items()
+        for kind, scores in [(k, correlation(result, truth)) for k in KINDS]
+    }
+    notes = gim_vs_atp_notes(pearsons, {t.name: find_components(t.model).num_layers for t in tasks})
     print(table, "\n", repair, sep="\n")
     counts = ", ".join(
         "{}: {} prompts of {} tokens".format(t.name, *t.clean["input_ids"].shape) for t in tasks
@@ -450,7 +479,7 @@ def main(argv: list[str] | None = None) -> Path:
         "the input of each attention output projection split by head, residual entries are "
         f"(layer, position). `ig` is integrated gradients on the same components ({IG_STEPS} "
         "steps, embeddings interpolated from corrupted to clean). Data: "
-        f"{counts}.\n\n{table}\n\n"
+        f"{counts}.\n\n{table}\n\n{notes}\n\n"
         "### Attention self-repair (top-2 scores of a query replaced by the row mean)\n\n"
         "Correlation of the true effect of each head's ablation with the estimate from the "
         "plain softmax gradient and from GIM's tempered softmax backward (T = 2) at that head; "
