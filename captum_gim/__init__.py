@@ -16,7 +16,8 @@ from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.sites.discovery import UnsupportedModuleError
 
-from captum_gim import circuits  # noqa: E402  (needs the names above)
+# isort: split
+from captum_gim import circuits  # after the names above, which it imports
 
 __version__ = "0.1.0"
 
