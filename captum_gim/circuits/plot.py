@@ -65,6 +65,10 @@ def _heatmap(figure: Figure, ax: Axes, scores: Tensor, label: str, title: str) -
     values = scores.detach().float().cpu().numpy()
     limit = float(abs(values).max()) or 1.0
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_yticks(range(values.shape[0]))
+    if values.shape[1] <= 32:
+        ax.set_xticks(range(values.shape[1]))
+        ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel(label)
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
