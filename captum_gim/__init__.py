@@ -18,6 +18,9 @@ from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.sites.discovery import UnsupportedModuleError
 
+# isort: split
+from captum_gim import circuits  # after the names above, which it imports
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "LayerGIM",
     "UnsupportedModuleError",
     "__version__",
+    "circuits",
     "compare",
     "gim_rules",
 ]

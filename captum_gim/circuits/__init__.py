@@ -1,0 +1,32 @@
+r"""
+Circuits: which attention heads, MLPs and residual-stream positions carry a
+behaviour.
+
+- :func:`attribution_patching`: one forward pass per prompt and one backward
+  pass estimate every component's effect, with GIM gradients (``"gim"``), plain
+  gradients (``"atp"``) or AtP* (``"atp*"``).
+- :func:`activation_patching`: the exact effects, one component at a time.
+- :func:`correlation`: Pearson and Spearman per component type, to score an
+  estimate against activation patching.
+
+Examples::
+
+    >>> from captum_gim.circuits import activation_patching, attribution_patching, correlation
+    >>> gim = attribution_patching(model, clean_ids, corrupted_ids, metric)
+    >>> truth = activation_patching(model, clean_ids, corrupted_ids, metric)
+    >>> correlation(gim, truth)
+"""
+
+from captum_gim.circuits.components import Components, Layer, find_components
+from captum_gim.circuits.patching import activation_patching, attribution_patching
+from captum_gim.circuits.result import CircuitResult, correlation
+
+__all__ = [
+    "CircuitResult",
+    "Components",
+    "Layer",
+    "activation_patching",
+    "attribution_patching",
+    "correlation",
+    "find_components",
+]
