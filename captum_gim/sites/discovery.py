@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
+from captum_gim.sites.errors import UnsupportedModuleError
 from captum_gim.sites.gated_mlp import GatedStructure, gated_structure
 from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
 
@@ -75,10 +76,6 @@ class RuleSites:
     torch_attentions: list[tuple[str, nn.MultiheadAttention]] = field(default_factory=list)
     #: nn.TransformerEncoder modules, whose nested-tensor fast path is switched off.
     torch_encoders: list[nn.TransformerEncoder] = field(default_factory=list)
-
-
-class UnsupportedModuleError(TypeError):
-    r"""A part of the model that a GIM rule should reach but cannot."""
 
 
 def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
