@@ -218,3 +218,127 @@ if __name__ == "__main__":
     if "--write-docs" in sys.argv:
         torch.set_num_threads(1)
         write_docs(Path(__file__).resolve().parent.parent / "docs" / "coverage.md")
+
+
+def _tiny(family: str, implementation: str = "eager") -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build(family, implementation)
+
+
+def test_nemotron_one_plus_w_layer_norm_is_frozen_with_its_own_scale() -> None:
+    """Regression: NemotronLayerNorm1P subclasses nn.LayerNorm but scales by (1 + w)."""
+    from reference import reference_gradient
+
+    model = _tiny("nemotron")
+    embeds = model.get_input_embeddings()(torch.arange(1, 7)[None]).detach()
+    config = RULES["norm"]
+    got = _gradient(model, embeds, config)
+    want = reference_gradient(model, lambda x: _logits(model, x), embeds, TARGET, config)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_gpt_oss_sinks_keep_the_forward_and_get_the_tempered_softmax() -> None:
+    """Regression: gpt-oss's attention sinks are neither dropped nor ignored."""
+    from reference import reference_gradient
+
+    model = _tiny("gpt_oss")
+    embeds = model.get_input_embeddings()(torch.arange(1, 7)[None]).detach()
+    with torch.no_grad():
+        expected = _logits(model, embeds)
+    with pytest.warns(UserWarning, match="GptOssExperts"), gim_rules(model, strict=False):
+        with torch.no_grad():
+            got = _logits(model, embeds)
+    assert torch.equal(got, expected)
+    config = RULES["softmax"]
+    x = embeds.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="GptOssExperts"):
+        with gim_rules(model, config=config, strict=False):
+            grad = torch.autograd.grad(_logits(model, x)[:, TARGET].sum(), x)[0]
+    want = reference_gradient(model, lambda e: _logits(model, e), embeds, TARGET, config)
+    assert float((grad - want).norm() / want.norm()) < 1e-5
+    assert float((grad - _gradient_plain(model, embeds)).norm()) > 1e-4
+
+
+def _gradient_plain(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    x = embeds.clone().requires_grad_()
+    return torch.autograd.grad(_logits(model, x)[:, TARGET].sum(), x)[0]
+
+
+class _OnePlusWRMSNorm(nn.Module):
+    """Not an nn.RMSNorm subclass and no telling name beyond 'norm'."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, width))
+        self.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rho = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x / rho * (1.0 + self.weight)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        _OnePlusWRMSNorm(8),
+        nn.LayerNorm(8, bias=False),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm1d(4, affine=True),
+    ],
+    ids=["rms-1+w", "layernorm-no-bias", "groupnorm", "instancenorm"],
+)
+def test_norm_variants_match_their_formula(norm: nn.Module) -> None:
+    """Rule 2 on norm variants against the frozen statistic written by formula."""
+    model = nn.Sequential(nn.Linear(8, 8), norm, nn.Linear(8, 3))
+    torch.manual_seed(0)
+    if isinstance(norm, (nn.GroupNorm, nn.InstanceNorm1d)):
+        model = nn.Sequential(nn.Unflatten(1, (4, 2)), norm, nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(2, 8, requires_grad=True)
+    with gim_rules(model, config=RULES["norm"]):
+        got = torch.autograd.grad(model(x)[:, 0].sum(), x)[0]
+    handle = norm.register_forward_hook(lambda m, a, out: _frozen_by_formula(m, a[0]))
+    try:
+        want = torch.autograd.grad(model(x)[:, 0].sum(), x)[0]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want)
+    plain = torch.autograd.grad(model(x)[:, 0].sum(), x)[0]
+    assert float((got - plain).norm()) > 1e-4
+
+
+def _frozen_by_formula(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, _OnePlusWRMSNorm):
+        rho = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + module.eps)
+        return x / rho.detach() * (1.0 + module.weight)
+    if isinstance(module, nn.LayerNorm):
+        sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + module.eps)
+        return (x - x.mean(-1, keepdim=True)) / sigma.detach() * module.weight
+    groups = module.num_groups if isinstance(module, nn.GroupNorm) else x.shape[1]
+    grouped = x.reshape(x.shape[0], groups, -1)
+    sigma = torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + module.eps)
+    y = ((grouped - grouped.mean(-1, keepdim=True)) / sigma.detach()).reshape(x.shape)
+    return y * module.weight[:, None] + module.bias[:, None]
+
+
+def test_batch_norm_is_affine_in_eval_and_refused_with_batch_statistics() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4, requires_grad=True)
+    with gim_rules(model, config=RULES["norm"]):
+        got = torch.autograd.grad(model(x)[:, 0].sum(), x)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(model(x)[:, 0].sum(), x)[0])
+    model.train()
+    with pytest.raises(UnsupportedModuleError, match="batch statistics"):
+        with gim_rules(model, config=RULES["norm"]):
+            model(x)
+
+
+def test_misread_norm_is_refused_on_the_call_not_given_a_wrong_gradient() -> None:
+    norm = _OnePlusWRMSNorm(8)
+    model = nn.Sequential(nn.Linear(8, 8), norm, nn.Linear(8, 3))
+    x = torch.randn(2, 8, requires_grad=True)
+    with gim_rules(model, config=RULES["norm"]):
+        norm.eps = 0.5  # the cached form no longer describes the module
+        output = model(x)[:, 0].sum()
+        with pytest.raises(UnsupportedModuleError, match="_OnePlusWRMSNorm"):
+            torch.autograd.grad(output, x)
