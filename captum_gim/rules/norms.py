@@ -125,9 +125,7 @@ def frozen_layer_norm(
     Returns:
         *Tensor*: ``y`` unchanged; the gradient flows to ``x`` only.
     """
-    return _FrozenNorm.apply(
-        x, y, weight, bias, eps, True, weight_offset, n_dims, False, verify
-    )
+    return _FrozenNorm.apply(x, y, weight, bias, eps, True, weight_offset, n_dims, False, verify)
 
 
 def frozen_rms_norm(

@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from captum_gim.config import GIMConfig
-from captum_gim.sites.errors import UnsupportedModuleError
 from captum_gim.rules import (
     blockwise_attention_backward,
     scale_gradient,
     sdpa_attention_backward,
     tempered_softmax,
 )
+from captum_gim.sites.errors import UnsupportedModuleError
 
 GIM_ATTENTION = "captum_gim"
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
@@ -182,9 +182,7 @@ def _checked_eager_attention(
     against, and replaced by, the loaded implementation's output."""
     devices = [query.device] if query.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        expected, expected_weights = original(
-            module, query, key, value, attention_mask, **common
-        )
+        expected, expected_weights = original(module, query, key, value, attention_mask, **common)
     mask = _dense_mask(attention_mask, query, key)
     output, probs = eager_gim_attention(
         module, query, key, value, mask, temperature=temperature, **common

@@ -12,14 +12,13 @@ from torch import Tensor, nn
 from captum_gim.config import GIMConfig
 from captum_gim.rules import frozen_group_norm, frozen_layer_norm, frozen_rms_norm, scale_gradient
 from captum_gim.sites.attention import route_attention
-from captum_gim.sites.gated_mlp import verify_product
 from captum_gim.sites.discovery import (
-    GatedLayout,
     GatedMLPSite,
     NormSite,
     RuleSites,
     UnsupportedModuleError,
 )
+from captum_gim.sites.gated_mlp import verify_product
 from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
 
 
@@ -69,13 +68,14 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
             return None
         x = x.to(output.device)  # accelerate moves inputs only inside forward
         if site.kind == "batch":
-            return _batch_norm(module, label)
+            _check_batch_norm(module, label)
+            return None
         weight = _weight_in_use(module, output.device)
         bias = _weight_in_use(module, output.device, "bias")
         if site.kind == "group":
             groups = getattr(module, "num_groups", x.shape[1])
             return frozen_group_norm(
-                x, output, weight, groups, module.eps, bias=bias, verify=verify
+                x, output, weight, int(groups), float(getattr(module, "eps")), bias=bias, verify=verify
             )
         form = site.form
         assert form is not None
@@ -107,7 +107,7 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
     return hook
 
 
-def _batch_norm(module: nn.Module, label: str) -> None:
+def _check_batch_norm(module: nn.Module, label: str) -> None:
     """BatchNorm with running statistics is affine: nothing to freeze."""
     if module.training or getattr(module, "running_mean", None) is None:
         raise UnsupportedModuleError(
@@ -117,9 +117,7 @@ def _batch_norm(module: nn.Module, label: str) -> None:
         )
 
 
-def _weight_in_use(
-    module: nn.Module, device: torch.device, name: str = "weight"
-) -> Tensor | None:
+def _weight_in_use(module: nn.Module, device: torch.device, name: str = "weight") -> Tensor | None:
     """The norm's weight as its forward used it.
 
     accelerate's offloading (``cpu_offload``, disk or CPU ``device_map`` entries)
@@ -149,7 +147,9 @@ def _install_gated_mlp_rule(
     structure = site.structure
     if structure is not None:
         seen: dict[str, Tensor] = {}
-        branches = [(structure.gate, config.gate_scale, None)]
+        branches: list[tuple[str, float, float | None]] = [
+            (structure.gate, config.gate_scale, None)
+        ]
         if structure.up is None:
             branches = [(structure.gate, config.gate_scale, config.up_scale)]
         else:
@@ -158,9 +158,8 @@ def _install_gated_mlp_rule(
             projection = getattr(module, branch)
             hook = _scale_output_hook(scale, second, seen, branch)
             _hook(stack, projection.register_forward_hook(hook))
-        down = getattr(module, structure.down)
-        check = _verify_product_hook(site, seen)
-        _hook(stack, down.register_forward_pre_hook(check))
+        down: nn.Module = getattr(module, structure.down)
+        _hook(stack, down.register_forward_pre_hook(_verify_product_hook(site, seen)))
     else:
         pre_hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
         _hook(stack, module.get_submodule("act_fn").register_forward_pre_hook(pre_hook))

@@ -122,9 +122,7 @@ def _probe_copy(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def _probe(module: nn.Module) -> NormForm | None:
-    if len(module._buffers) or any(
-        name not in ("weight", "bias") for name in module._parameters
-    ):
+    if len(module._buffers) or any(name not in ("weight", "bias") for name in module._parameters):
         return None
     width = _width(module)
     if width is None:
@@ -138,7 +136,7 @@ def _probe(module: nn.Module) -> NormForm | None:
     try:
         with torch.no_grad():
             outputs = [type(module).forward(probe, x) for x in inputs]
-    except Exception:  # noqa: BLE001 - a module we cannot run is not a norm we can freeze
+    except Exception:
         return None
     if not all(isinstance(y, Tensor) and y.shape == x.shape for x, y in zip(inputs, outputs)):
         return None
@@ -151,9 +149,7 @@ def _probe(module: nn.Module) -> NormForm | None:
     return None
 
 
-def _forms(
-    module: nn.Module, has_weight: bool, has_bias: bool, n_dims: int
-) -> list[NormForm]:
+def _forms(module: nn.Module, has_weight: bool, has_bias: bool, n_dims: int) -> list[NormForm]:
     named = [getattr(module, name, None) for name in _EPS_NAMES]
     epsilons = [float(eps) for eps in named if isinstance(eps, (int, float))]
     epsilons += [eps for eps in _FALLBACK_EPS if eps not in epsilons]
