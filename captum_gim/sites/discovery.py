@@ -108,7 +108,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
         elif is_norm_candidate(module):
             problems.append(
                 f"'{label}' ({type(module).__name__}) looks like a normalization "
-                "layer, but no form rule 2 can freeze (centred or not, mean or sum "
+                "layer of unknown form: no form rule 2 can freeze (centred or not, mean or sum "
                 "of squares, scale w, 1 + w or none, bias, eps) reproduces its output"
             )
         if isinstance(module, nn.TransformerEncoder):
