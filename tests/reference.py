@@ -61,9 +61,18 @@ def reference_attention(
     wide = scores.to(torch.promote_types(scores.dtype, torch.float32))
     probs = torch.softmax(wide, dim=-1)
     temperature = config.temperature or 1.0
-    if temperature != 1.0:
+    if temperature != 1.0 and not isinstance(getattr(module, "sinks", None), Tensor):
         tempered = torch.softmax(wide / temperature, dim=-1)
         probs = probs.detach() + temperature * (tempered - tempered.detach())
+    sinks = getattr(module, "sinks", None)
+    if isinstance(sinks, Tensor):  # gpt-oss: one extra logit per head, dropped after softmax
+        column = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        wide = torch.cat([scores, column], dim=-1).to(wide.dtype)
+        probs = torch.softmax(wide, dim=-1)
+        if temperature != 1.0:
+            tempered = torch.softmax(wide / temperature, dim=-1)
+            probs = probs.detach() + temperature * (tempered - tempered.detach())
+        probs = probs[..., :-1]
     output = probs.to(value.dtype) @ value
     return output.transpose(1, 2).contiguous(), probs
 
@@ -79,8 +88,9 @@ def _norm_surrogate(module: nn.Module, x: Tensor) -> Tensor | None:
         centered = x32 - x32.mean(-1, keepdim=True)
         sigma = torch.sqrt(x32.var(-1, unbiased=False, keepdim=True) + module.eps)
         y = centered / sigma.detach()
-        if module.weight is not None:
-            y = y * module.weight + module.bias
+        if module.weight is not None:  # Nemotron's LayerNorm1P scales by (1 + w)
+            offset = 1.0 if name == "NemotronLayerNorm1P" else 0.0
+            y = y * (module.weight + offset) + module.bias
         return y.to(x.dtype)
     if isinstance(module, nn.RMSNorm) or name.endswith("RMSNorm"):
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None)) or 1e-6
@@ -127,7 +137,7 @@ def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
                 return torch.cat([scaled(gate, config.gate_scale), scaled(up, config.up_scale)], -1)
 
             add(module.gate_up_proj, fused)
-        if name.endswith("Experts"):
+        if name.endswith("Experts") and (config.gate_scale, config.up_scale) != (1.0, 1.0):
             add(module, lambda m, args, out: _experts_surrogate(m, config, *args))
     model_config = getattr(model, "config", None)
     own_implementation = getattr(model_config, "_attn_implementation", None)

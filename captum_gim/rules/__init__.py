@@ -13,13 +13,14 @@ cast back to the input dtype.
 """
 
 from captum_gim.rules.attention import blockwise_attention_backward, sdpa_attention_backward
-from captum_gim.rules.norms import frozen_layer_norm, frozen_rms_norm
+from captum_gim.rules.norms import frozen_group_norm, frozen_layer_norm, frozen_rms_norm
 from captum_gim.rules.precision import rule_dtype
 from captum_gim.rules.scaling import scale_gradient
 from captum_gim.rules.softmax import tempered_softmax, tempered_softmax_backward
 
 __all__ = [
     "blockwise_attention_backward",
+    "frozen_group_norm",
     "frozen_layer_norm",
     "frozen_rms_norm",
     "rule_dtype",

@@ -10,9 +10,14 @@ also of the same class, keep their exact gradients. The function registered as
 - for models loaded with ``sdpa``, the forward is transformers' own sdpa call and
   the tempered softmax backward is computed from recomputed scores, one block of
   queries at a time, so no tokens x tokens probability matrix is kept;
-- for models loaded with ``eager`` (or with attention dropout active), the scores
-  and probabilities are materialised as eager attention does, and the softmax
-  gets the tempered backward.
+- otherwise (``eager``, ``flex_attention``, or keywords the fused path does not
+  take, such as soft-capping, dropout, T5's ``position_bias`` or attention
+  sinks), the scores and probabilities are materialised as eager attention does,
+  and the softmax gets the tempered backward. That recomputation is checked on
+  every call against the output of the implementation the model was loaded
+  with, which stays the forward value (bitwise); a mismatch, e.g. a keyword
+  the recomputation does not implement, raises ``UnsupportedModuleError``
+  naming the module instead of changing the forward or the gradient.
 """
 
 from __future__ import annotations
@@ -38,9 +43,14 @@ from captum_gim.rules import (
     sdpa_attention_backward,
     tempered_softmax,
 )
+from captum_gim.sites.errors import UnsupportedModuleError
 
 GIM_ATTENTION = "captum_gim"
-SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+#: Keywords of the AttentionInterface that the eager recomputation implements;
+#: others are ignored by it, which the per-call check against the loaded
+#: implementation's output makes safe.
+_SINK_KEYWORDS = ("s_aux", "sinks")
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,8 @@ def gim_attention_forward(
     key = scale_gradient(key, config.k_scale)
     value = scale_gradient(value, config.v_scale)
     common = dict(dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
+    original = _original_function(site)
     if not config.softmax_rule_on:
-        original = (
-            sdpa_attention_forward
-            if site.implementation == "sdpa"
-            else site.eager_function or eager_gim_attention
-        )
         return original(module, query, key, value, attention_mask, **common)
     temperature = float(config.temperature)  # type: ignore[arg-type]
     fused_ok = dropout == 0.0 and softcap is None and kwargs.get("position_bias") is None
@@ -147,8 +153,77 @@ def gim_attention_forward(
             kwargs,
         )
         return output, None
-    return eager_gim_attention(
-        module, query, key, value, attention_mask, temperature=temperature, **common
+    return _checked_eager_attention(
+        module, original, query, key, value, attention_mask, temperature, common
+    )
+
+
+def _original_function(site: _AttentionSite) -> Callable[..., Any]:
+    if site.implementation == "sdpa":
+        return sdpa_attention_forward
+    if site.implementation == "eager":
+        return site.eager_function or eager_gim_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[site.implementation]
+
+
+def _checked_eager_attention(
+    module: nn.Module,
+    original: Callable[..., Any],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Any,
+    temperature: float,
+    common: dict[str, Any],
+) -> tuple[Tensor, Tensor | None]:
+    """The eager recomputation with the tempered softmax, whose value is checked
+    against, and replaced by, the loaded implementation's output."""
+    devices = [query.device] if query.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        expected, expected_weights = original(module, query, key, value, attention_mask, **common)
+    mask = _dense_mask(attention_mask, query, key)
+    output, probs = eager_gim_attention(
+        module, query, key, value, mask, temperature=temperature, **common
+    )
+    difference = (output.detach().float() - expected.float()).abs()
+    deviation = float(difference.max()) if output.numel() else 0.0
+    bound = _tolerance(expected.dtype) * (1.0 + float(expected.float().abs().max()))
+    if output.shape != expected.shape or not deviation <= bound:
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}: the GIM attention recomputation differs from "
+            f"the model's own attention by {deviation:.3g} (keywords: "
+            f"{sorted(k for k, v in common.items() if v is not None)}); GIM refuses "
+            "rather than change the forward or return a wrong gradient. Pass "
+            "temperature=1.0, or strict=False to skip this attention."
+        )
+    routed = expected.detach() + (output - output.detach())
+    weights = probs if expected_weights is not None else None
+    return routed, weights
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-4)
+
+
+def _dense_mask(attention_mask: Any, query: Tensor, key: Tensor) -> Tensor | None:
+    """flex_attention's BlockMask as a boolean mask (True = attend)."""
+    if attention_mask is None or isinstance(attention_mask, Tensor):
+        return attention_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    if not isinstance(attention_mask, BlockMask):
+        raise UnsupportedModuleError(
+            f"GIM cannot read an attention mask of type {type(attention_mask).__name__}"
+        )
+    return create_mask(
+        attention_mask.mask_mod,
+        query.shape[0],
+        1,
+        query.shape[-2],
+        key.shape[-2],
+        device=query.device,
     )
 
 
@@ -193,15 +268,34 @@ def eager_gim_attention(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        scores = scores + position_bias
     mask = _boolean_or_additive_mask(module, attention_mask, query, key, kwargs)
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask
-    probs = tempered_softmax(scores, temperature).to(query.dtype)
+    sinks = _sinks(module, kwargs)
+    if sinks is not None:
+        sink_logits = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink_logits.to(scores.dtype)], dim=-1)
+        probs = tempered_softmax(scores, temperature)[..., :-1].to(query.dtype)
+    else:
+        probs = tempered_softmax(scores, temperature).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
+
+
+def _sinks(module: nn.Module, kwargs: dict[str, Any]) -> Tensor | None:
+    """Attention sinks (gpt-oss): one extra logit per head that takes probability
+    mass and is dropped after the softmax."""
+    for name in _SINK_KEYWORDS:
+        if isinstance(kwargs.get(name), Tensor):
+            return kwargs[name]
+    sinks = getattr(module, "sinks", None)
+    return sinks if isinstance(sinks, Tensor) else None
 
 
 def _boolean_or_additive_mask(

@@ -1,10 +1,11 @@
 """Where the GIM rules go in a model: norms, attention modules, gated MLPs.
 
-The rule mathematics lives in :mod:`captum_gim.functional`; this module only
-recognises the places. Support for a model family is a few entries in the
-tables below (its RMSNorm class and its gated MLP class); attention needs no
-entry, as every model whose attention calls transformers' AttentionInterface is
-routed generically. Anything that looks like one of these places but is not
+The rule mathematics lives in :mod:`captum_gim.rules`; this module only
+recognises the places, by what they compute and how they are built rather than
+by class name: norms are probed (:mod:`~captum_gim.sites.norms`), gated MLPs
+are recognised by their parts (:mod:`~captum_gim.sites.gated_mlp`), and every
+attention module that calls transformers' AttentionInterface is routed
+generically. Anything that looks like one of these places but is not
 recognised is reported by :func:`find_rule_sites`.
 """
 
@@ -21,12 +22,16 @@ from typing import Any
 from torch import nn
 
 from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
+from captum_gim.sites.errors import UnsupportedModuleError
+from captum_gim.sites.gated_mlp import GatedStructure, gated_structure
+from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
 
 
 class GatedLayout(Enum):
     r"""How a gated MLP ``act(gate(x)) * up(x)`` exposes its two branches."""
 
-    #: Two projections, ``gate_proj`` and ``up_proj`` (Llama, Mistral, Qwen, Gemma).
+    #: Two projections, ``gate_proj``/``up_proj``, ``w1``/``w3`` or T5's
+    #: ``wi_0``/``wi_1`` (named in the site's ``structure``).
     SEPARATE = "separate"
     #: One projection ``gate_up_proj`` whose first half is the gate (Phi-3).
     FUSED = "fused"
@@ -36,50 +41,17 @@ class GatedLayout(Enum):
     EXPERTS = "experts"
 
 
-#: RMSNorm classes by name, with the offset added to their weight
-#: (1.0 for Gemma's ``(1 + w)`` norms).
-RMS_NORM_CLASSES: dict[str, float] = {
-    "LlamaRMSNorm": 0.0,
-    "MistralRMSNorm": 0.0,
-    "MixtralRMSNorm": 0.0,
-    "Qwen2RMSNorm": 0.0,
-    "Qwen2MoeRMSNorm": 0.0,
-    "Qwen3RMSNorm": 0.0,
-    "Qwen3MoeRMSNorm": 0.0,
-    "Phi3RMSNorm": 0.0,
-    "GemmaRMSNorm": 1.0,
-    "Gemma2RMSNorm": 1.0,
-    "Gemma3RMSNorm": 1.0,
-}
-
-#: Gated MLP classes by name.
-GATED_MLP_CLASSES: dict[str, GatedLayout] = {
-    "LlamaMLP": GatedLayout.SEPARATE,
-    "MistralMLP": GatedLayout.SEPARATE,
-    "Qwen2MLP": GatedLayout.SEPARATE,
-    "Qwen2MoeMLP": GatedLayout.SEPARATE,
-    "Qwen3MLP": GatedLayout.SEPARATE,
-    "Qwen3MoeMLP": GatedLayout.SEPARATE,
-    "GemmaMLP": GatedLayout.SEPARATE,
-    "Gemma2MLP": GatedLayout.SEPARATE,
-    "Gemma3MLP": GatedLayout.SEPARATE,
-    "Phi3MLP": GatedLayout.FUSED,
-    "MixtralExperts": GatedLayout.EXPERTS,
-    "Qwen2MoeExperts": GatedLayout.EXPERTS,
-    "Qwen3MoeExperts": GatedLayout.EXPERTS,
-}
-
-
 @dataclass(frozen=True)
 class NormSite:
     r"""A normalization layer and how its statistic is computed."""
 
     name: str
     module: nn.Module
-    centered: bool
-    weight_offset: float
-    eps: float | None
-    n_dims: int
+    #: What the layer computes (None for group and batch norms).
+    form: NormForm | None = None
+    #: ``"norm"`` (over trailing dims), ``"group"`` (GroupNorm, InstanceNorm)
+    #: or ``"batch"`` (BatchNorm: affine in eval mode, refused with batch statistics).
+    kind: str = "norm"
 
 
 @dataclass(frozen=True)
@@ -89,6 +61,8 @@ class GatedMLPSite:
     name: str
     module: nn.Module
     layout: GatedLayout
+    #: The named gate/up/down parts (None for experts).
+    structure: GatedStructure | None = None
 
 
 @dataclass
@@ -102,10 +76,6 @@ class RuleSites:
     torch_attentions: list[tuple[str, nn.MultiheadAttention]] = field(default_factory=list)
     #: nn.TransformerEncoder modules, whose nested-tensor fast path is switched off.
     torch_encoders: list[nn.TransformerEncoder] = field(default_factory=list)
-
-
-class UnsupportedModuleError(TypeError):
-    r"""A part of the model that a GIM rule should reach but cannot."""
 
 
 def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
@@ -135,11 +105,11 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
         norm = _norm_site(label, module)
         if norm is not None:
             sites.norms.append(norm)
-        elif _looks_like_norm(module):
+        elif is_norm_candidate(module):
             problems.append(
                 f"'{label}' ({type(module).__name__}) looks like a normalization "
-                "layer of unknown form; add its class to "
-                "captum_gim.architectures.RMS_NORM_CLASSES if it is an RMSNorm"
+                "layer of unknown form: no form rule 2 can freeze (centred or not, mean or sum "
+                "of squares, scale w, 1 + w or none, bias, eps) reproduces its output"
             )
         if isinstance(module, nn.TransformerEncoder):
             sites.torch_encoders.append(module)
@@ -162,14 +132,13 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                 "transformers' AttentionInterface, so the softmax and q/k/v rules "
                 "cannot reach it"
             )
-        layout = GATED_MLP_CLASSES.get(type(module).__name__)
-        if layout is not None:
-            sites.gated_mlps.append(GatedMLPSite(label, module, layout))
+        mlp = _gated_mlp_site(label, module)
+        if mlp is not None:
+            sites.gated_mlps.append(mlp)
         elif _looks_like_gated_mlp(module):
             problems.append(
-                f"'{label}' ({type(module).__name__}) looks like a gated MLP of "
-                "unknown form; add its class to "
-                "captum_gim.architectures.GATED_MLP_CLASSES"
+                f"'{label}' ({type(module).__name__}) looks like a gated MLP, but "
+                "its gate, up and down parts are not recognised"
             )
     if problems:
         _report(problems, strict)
@@ -191,20 +160,27 @@ def _report(problems: list[str], strict: bool) -> None:
 
 
 def _norm_site(name: str, module: nn.Module) -> NormSite | None:
-    if isinstance(module, nn.LayerNorm):
-        return NormSite(name, module, True, 0.0, module.eps, len(module.normalized_shape))
-    if isinstance(module, nn.RMSNorm):
-        return NormSite(name, module, False, 0.0, module.eps, len(module.normalized_shape))
-    offset = RMS_NORM_CLASSES.get(type(module).__name__)
-    if offset is None:
+    if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return NormSite(name, module, kind="group")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NormSite(name, module, kind="batch")
+    if not is_norm_candidate(module):
         return None
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    return NormSite(name, module, False, offset, eps, 1)
+    form = norm_form(module)
+    return None if form is None else NormSite(name, module, form)
 
 
-def _looks_like_norm(module: nn.Module) -> bool:
-    class_name = type(module).__name__.lower()
-    return "norm" in class_name and not isinstance(module, nn.Identity)
+def _gated_mlp_site(name: str, module: nn.Module) -> GatedMLPSite | None:
+    fused_experts = getattr(module, "gate_up_proj", None)
+    if isinstance(fused_experts, nn.Parameter) and fused_experts.dim() == 3:
+        if callable(getattr(module, "act_fn", None)):
+            return GatedMLPSite(name, module, GatedLayout.EXPERTS)
+        return None
+    structure = gated_structure(module)
+    if structure is None:
+        return None
+    layout = GatedLayout.SEPARATE if structure.up is not None else GatedLayout.FUSED
+    return GatedMLPSite(name, module, layout, structure)
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -10,15 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from captum_gim.config import GIMConfig
-from captum_gim.rules import frozen_layer_norm, frozen_rms_norm, scale_gradient
+from captum_gim.rules import frozen_group_norm, frozen_layer_norm, frozen_rms_norm, scale_gradient
 from captum_gim.sites.attention import route_attention
 from captum_gim.sites.discovery import (
-    GatedLayout,
     GatedMLPSite,
     NormSite,
     RuleSites,
     UnsupportedModuleError,
 )
+from captum_gim.sites.gated_mlp import verify_product
 from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
 
 
@@ -52,22 +52,72 @@ def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle
 
 def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
     module = site.module
+    label = f"'{site.name}' ({type(module).__name__})"
+
+    def verify(deviation: float) -> None:
+        raise UnsupportedModuleError(
+            f"{label}: the frozen-norm rule's recomputation of the forward differs "
+            f"from the module's output by {deviation:.3g}, so its form was misread; "
+            "GIM refuses rather than return a wrong gradient. Pass freeze_norm=False "
+            "or strict=False."
+        )
 
     def hook(_: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        x = args[0]
-        if not torch.is_grad_enabled() or not x.requires_grad:
+        x = args[0] if args else None
+        if not torch.is_grad_enabled() or not isinstance(x, Tensor) or not x.requires_grad:
             return None
         x = x.to(output.device)  # accelerate moves inputs only inside forward
-        eps = site.eps if site.eps is not None else torch.finfo(x.dtype).eps
+        if site.kind == "batch":
+            _check_batch_norm(module, label)
+            return None
         weight = _weight_in_use(module, output.device)
-        if site.centered:
-            return frozen_layer_norm(x, output, weight, eps, site.n_dims)
-        return frozen_rms_norm(x, output, weight, eps, site.weight_offset, site.n_dims)
+        bias = _weight_in_use(module, output.device, "bias")
+        if site.kind == "group":
+            groups = getattr(module, "num_groups", x.shape[1])
+            return frozen_group_norm(
+                x, output, weight, int(groups), float(getattr(module, "eps")), bias=bias, verify=verify
+            )
+        form = site.form
+        assert form is not None
+        weight = weight if form.scale != "none" else None
+        bias = bias if form.bias else None
+        if form.centered:
+            return frozen_layer_norm(
+                x,
+                output,
+                weight,
+                form.eps,
+                form.n_dims,
+                bias=bias,
+                weight_offset=form.weight_offset,
+                verify=verify,
+            )
+        return frozen_rms_norm(
+            x,
+            output,
+            weight,
+            form.eps,
+            form.weight_offset,
+            form.n_dims,
+            bias=bias,
+            sum_square=form.sum_square,
+            verify=verify,
+        )
 
     return hook
 
 
-def _weight_in_use(module: nn.Module, device: torch.device) -> Tensor | None:
+def _check_batch_norm(module: nn.Module, label: str) -> None:
+    """BatchNorm with running statistics is affine: nothing to freeze."""
+    if module.training or getattr(module, "running_mean", None) is None:
+        raise UnsupportedModuleError(
+            f"{label} normalizes with batch statistics, which couple the samples of "
+            "a batch; call model.eval() to use its running statistics, or pass "
+            "freeze_norm=False."
+        )
+
+
+def _weight_in_use(module: nn.Module, device: torch.device, name: str = "weight") -> Tensor | None:
     """The norm's weight as its forward used it.
 
     accelerate's offloading (``cpu_offload``, disk or CPU ``device_map`` entries)
@@ -75,14 +125,14 @@ def _weight_in_use(module: nn.Module, device: torch.device) -> Tensor | None:
     afterwards, when forward hooks run; the weight then comes from the weights
     map of the module's accelerate hook.
     """
-    weight = getattr(module, "weight", None)
-    if weight is None or not weight.is_meta:
-        return weight
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor) or not weight.is_meta:
+        return weight if isinstance(weight, Tensor) else None
     accelerate_hook = getattr(module, "_hf_hook", None)
     for hook in (*getattr(accelerate_hook, "hooks", ()), accelerate_hook):
         weights_map = getattr(hook, "weights_map", None)
-        if weights_map is not None and "weight" in weights_map:
-            return weights_map["weight"].to(device)
+        if weights_map is not None and name in weights_map:
+            return weights_map[name].to(device)
     raise UnsupportedModuleError(
         f"The weight of {type(module).__name__} is on the meta device and no "
         "accelerate weights map holds it; GIM cannot freeze its statistic. Load "
@@ -94,13 +144,22 @@ def _install_gated_mlp_rule(
     stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
 ) -> None:
     module = site.module
-    if site.layout is GatedLayout.SEPARATE:
-        for branch, scale in (("gate_proj", config.gate_scale), ("up_proj", config.up_scale)):
+    structure = site.structure
+    if structure is not None:
+        seen: dict[str, Tensor] = {}
+        branches: list[tuple[str, float, float | None]] = [
+            (structure.gate, config.gate_scale, None)
+        ]
+        if structure.up is None:
+            branches = [(structure.gate, config.gate_scale, config.up_scale)]
+        else:
+            branches.append((structure.up, config.up_scale, None))
+        for branch, scale, second in branches:
             projection = getattr(module, branch)
-            _hook(stack, projection.register_forward_hook(_scale_output_hook(scale)))
-    elif site.layout is GatedLayout.FUSED:
-        hook = _scale_output_hook(config.gate_scale, config.up_scale)
-        _hook(stack, module.get_submodule("gate_up_proj").register_forward_hook(hook))
+            hook = _scale_output_hook(scale, second, seen, branch)
+            _hook(stack, projection.register_forward_hook(hook))
+        down: nn.Module = getattr(module, structure.down)
+        _hook(stack, down.register_forward_pre_hook(_verify_product_hook(site, seen)))
     else:
         pre_hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
         _hook(stack, module.get_submodule("act_fn").register_forward_pre_hook(pre_hook))
@@ -116,14 +175,43 @@ def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor 
 
 
 def _scale_output_hook(
-    scale: float, second_half_scale: float | None = None
+    scale: float,
+    second_half_scale: float | None = None,
+    seen: dict[str, Tensor] | None = None,
+    branch: str = "",
 ) -> Callable[..., Tensor]:
-    """Scales a projection's output gradient; per half when two scales are given."""
+    """Scales a projection's output gradient; per half when two scales are given.
+    The output is kept in ``seen`` for the product check of the down projection."""
 
     def hook(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
+        if seen is not None:
+            seen[branch] = output
         if second_half_scale is None:
             return scale_gradient(output, scale)
         return scale_gradient(output, _halves_scale(output, scale, second_half_scale))
+
+    return hook
+
+
+def _verify_product_hook(site: GatedMLPSite, seen: dict[str, Tensor]) -> Callable[..., None]:
+    """Checks, before any gradient, that the down projection reads act(gate) * up."""
+    structure = site.structure
+    assert structure is not None
+    activation = getattr(site.module, structure.activation)
+
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        gate = seen.pop(structure.gate, None)
+        up = gate if structure.up is None else seen.pop(structure.up, None)
+        if not torch.is_grad_enabled() or gate is None or up is None or not args:
+            return
+        if structure.up is None:
+            gate, up = gate.chunk(2, dim=-1)
+        problem = verify_product(site.name, activation, gate, up, args[0])
+        if problem is not None:
+            raise UnsupportedModuleError(
+                f"'{site.name}' ({type(site.module).__name__}): {problem}. Pass "
+                "gate_scale=up_scale=1.0 or strict=False."
+            )
 
     return hook
 
