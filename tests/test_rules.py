@@ -92,8 +92,10 @@ def test_nested_rules_on_the_same_model_raise() -> None:
 
 
 class _CustomNorm(nn.Module):
+    """A max-norm: no form of rule 2 (centred or not, mean or sum of squares) matches it."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / x.norm(dim=-1, keepdim=True)
+        return x / x.abs().amax(dim=-1, keepdim=True)
 
 
 class _CustomAttention(nn.Module):
@@ -118,7 +120,7 @@ class _GatedMLP(nn.Module):
     [
         (_CustomNorm(), "normalization layer of unknown form"),
         (_CustomAttention(), "without transformers' AttentionInterface"),
-        (_GatedMLP(), "gated MLP of unknown form"),
+        (_GatedMLP(), "looks like a gated MLP, but its gate, up and down parts"),
     ],
 )
 def test_unsupported_parts_raise_or_warn(part, message) -> None:
@@ -134,7 +136,7 @@ def test_unsupported_parts_raise_or_warn(part, message) -> None:
 
 def test_unsupported_attention_implementation_is_named() -> None:
     model = FAMILY_BY_NAME["llama"].build("sdpa")
-    model.config._attn_implementation_internal = "flex_attention"
+    model.config._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(UnsupportedModuleError, match="attn_implementation='sdpa'"):
         find_rule_sites(model)
 
