@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +21,9 @@ import torch
 import transformers
 from tiny_models import FAMILY_BY_NAME
 
-from captum_gim import GIMAttribution
+import captum_gim
+from captum_gim import GIMAttribution, logits_forward
 from captum_gim.cli import DEMO_PROMPT, main
-from captum_gim.compare import logits_forward
 from captum_gim.models import model_path
 
 PROMPT = "the good movie was boring ?"
@@ -110,15 +112,6 @@ def test_multi_token_target_is_explained_token_by_token_with_teacher_forcing(
     assert header == ["#", "token", "sad", "and", "happy", "total"]
 
 
-def test_progress_falls_back_to_a_counter_without_tqdm(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "tqdm", None)
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    _explain_json(model_dir, tmp_path, "--target", "sad and happy")
-    assert "target tokens: 3/3" in capsys.readouterr().err
-
-
 def test_single_token_target_shows_no_progress(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,13 +119,40 @@ def test_single_token_target_shows_no_progress(
     assert "target tokens" not in capsys.readouterr().err
 
 
-def test_log_prob_score_and_html_output(model_dir: Path, tmp_path: Path) -> None:
+def test_log_prob_score(model_dir: Path, tmp_path: Path) -> None:
     result = _explain_json(model_dir, tmp_path, "--score", "log-prob")
     assert result["score"] == "log-prob"
-    out = tmp_path / "heatmap.html"
+
+
+def test_html_is_a_page_of_coloured_tokens_one_row_per_target_token_and_the_sum(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "page.html"
     argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]
-    assert main(argv) == 0
-    assert "data:image/png;base64," in out.read_text()
+    assert main([*argv, "--target", "sad and happy"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<img" not in page
+    labels = re.findall(r'<div class="label">([^<]*)<', page)
+    assert [label.strip() for label in labels] == ["0: sad", "1: and", "2: happy", "sum"]
+    texts = re.findall(r'<span class="tok"[^>]*>([^<]*)</span>', page)
+    assert [html.unescape(t) for t in texts] == ["<bos>", *PROMPT.split()] * 4
+
+
+def test_multi_token_png_shows_the_target_by_prompt_matrix(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "matrix.png"
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]
+    assert main([*argv, "--target", "sad and happy"]) == 0
+    single = tmp_path / "single.png"
+    assert main([*argv[:-1], str(single), "--target", "sad"]) == 0
+    matrix, row = mpimg.imread(out), mpimg.imread(single)
+    # The matrix has one row of cells per target token: the figure is square-ish and
+    # taller than the one-line heatmap of a single target.
+    assert matrix.shape[0] > row.shape[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"captum-gim {captum_gim.__version__}"
 
 
 def test_loading_refuses_remote_code_and_pickle_unless_asked(
@@ -166,7 +186,8 @@ def test_code_in_the_model_directory_is_never_run(model_dir: Path, tmp_path: Pat
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "custom.Model", "AutoConfig": "custom.Config"}
     (folder / "config.json").write_text(json.dumps(config))
-    main(["explain", "--model", str(folder), "--prompt", PROMPT])
+    # without --trust-remote-code transformers loads its own Llama class, not custom.py
+    assert main(["explain", "--model", str(folder), "--prompt", PROMPT]) == 0
     assert not marker.exists()
 
 
