@@ -17,8 +17,8 @@ from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
-from captum_gim.sites.discovery import UnsupportedModuleError
 from captum_gim.forwards import logits_forward
+from captum_gim.sites.discovery import UnsupportedModuleError
 
 __version__ = "0.1.0"
 
