@@ -333,9 +333,11 @@ def _check_task_arguments(args: argparse.Namespace, task: str, architectures: li
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> list[int]:
-    if not tokenizer(text, add_special_tokens=False)["input_ids"]:
-        raise UserError(f"{what} {text!r} has no tokens; give some text")
-    return list(tokenizer(text)["input_ids"])
+    with quiet_transformers():  # the length is checked against the model's own limit
+        ids = list(tokenizer(text)["input_ids"])
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise UserError(f"{what} {text!r} has no tokens; give some text")
+    return ids
 
 
 def _encode_target(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -139,7 +139,7 @@ def explain(
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
         raise ValueError("the prompt has no tokens; give some text to explain.")
-    device = model.get_input_embeddings().weight.device
+    device = next(model.parameters()).device
     prompt = torch.tensor([prompt_ids], device=device)
     config = GIMConfig() if config is None else config
     query = None if query_ids is None else torch.tensor([list(query_ids)], device=device)
@@ -153,7 +153,7 @@ def explain(
     if task == "similarity":
         _check_length(model, len(prompt_ids))
         rows = _prompt_scores(gim, model, prompt, None, prompt.shape[1])
-        text = tokenizer.decode(list(query_ids or []), skip_special_tokens=True)
+        text = str(tokenizer.decode(list(query_ids or []), skip_special_tokens=True))
         score = "cosine similarity"
         return Explanation(task, prompt_tokens, ["similarity"], [], text, rows, score, config)
     if task == "classify":
@@ -164,7 +164,7 @@ def explain(
         if not isinstance(target, (int, str)):
             raise ValueError(f"a classifier's target is a label name or index, got {target!r}.")
         index = label_index(model, target)
-        name = str(model.config.id2label[index])
+        name = str(getattr(model.config, "id2label", {})[index])
         rows = _prompt_scores(gim, model, prompt, index, prompt.shape[1])
         return Explanation(task, prompt_tokens, [name], [index], name, rows, score, config)
     if target is None:
@@ -183,7 +183,7 @@ def explain(
         prompt_tokens=prompt_tokens,
         target_tokens=readable_tokens(tokenizer, target_ids),
         target_ids=target_ids,
-        target_text=tokenizer.decode(target_ids),
+        target_text=str(tokenizer.decode(target_ids)),
         token_scores=explain_continuation(gim, model, prompt, target_ids),
         score=score,
         config=config,

@@ -188,7 +188,7 @@ def similarity_forward(model: nn.Module, query_ids: Tensor) -> Callable[..., Ten
         >>> scores = GIMAttribution(forward, encoder).attribute(embeds).sum(-1)
     """
     query_ids = query_ids.reshape(1, -1)
-    device = model.get_input_embeddings().weight.device
+    device = next(model.parameters()).device
     query = sentence_embedding(model, query_ids.to(device))
 
     def forward(inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
