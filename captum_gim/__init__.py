@@ -8,6 +8,7 @@ The public API:
 - :func:`gim_rules`: the GIM backward rules for any Captum gradient method.
 - :class:`GIMConfig`: the seven settings of the rules.
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
+- :func:`logits_forward`: a causal LM's next-token logits as a Captum forward function.
 """
 
 from captum_gim.attr.gim import GIMAttribution
@@ -16,6 +17,7 @@ from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
+from captum_gim.forwards import logits_forward
 from captum_gim.sites.discovery import UnsupportedModuleError
 
 # isort: split
@@ -34,4 +36,5 @@ __all__ = [
     "circuits",
     "compare",
     "gim_rules",
+    "logits_forward",
 ]

@@ -1,103 +1,82 @@
 r"""
-The ``captum-gim`` command: GIM token attributions of a local causal language model.
+The ``captum-gim`` command: GIM token attributions of a local transformers model.
 
 Two subcommands:
 
-* ``captum-gim explain --model DIR --prompt TEXT [--target TEXT] [--out FILE]`` explains
-  a Hugging Face causal LM saved in ``DIR``: it prints a table of the prompt tokens and
-  their GIM attributions to the target (by default the model's greedy next token) and
-  writes a token heatmap (``.png``, ``.svg``, ``.pdf``, ``.html``) or the scores as
-  ``.json``. A target of several tokens is explained one token at a time, teacher-forced,
-  with a progress bar; the table shows each target token and their sum.
+* ``captum-gim explain --model DIR --prompt TEXT [--task TASK] [--target TEXT]
+  [--query TEXT] [--out FILE]`` explains a Hugging Face model saved in ``DIR``: a causal
+  LM's continuation (``--task generate``; by default the greedy next token), a sequence
+  classifier's label (``--task classify``; a label name or index, by default the
+  predicted one) or a sentence encoder's cosine similarity with ``--query``
+  (``--task similarity``). The task is read from the model's ``config.json`` when
+  ``--task`` is not given. It prints a table of the prompt tokens and their GIM
+  attributions and writes a token heatmap (``.png``, ``.svg``, ``.pdf``), a page of
+  coloured text (``.html``) or the scores (``.json``). A target of several tokens is
+  explained one token at a time, teacher-forced, with a progress bar; the table shows
+  each target token and their sum, the figure the target x prompt matrix.
 * ``captum-gim demo [--out demo.png]`` does the same for the model bundled with the
   package, offline.
 
 Nothing in a model directory is executed: custom model code is refused unless
 ``--trust-remote-code`` is given, and only safetensors weights are loaded unless
-``--allow-pickle`` is given. User errors print one line to stderr and exit with 2.
+``--allow-pickle`` is given. A model whose head would be newly initialised is refused.
+User errors print one line to stderr and exit with 2.
 
 Examples::
 
     $ captum-gim demo --out demo.png
     $ captum-gim explain --model ./my-llama --prompt "The capital of France is" \
           --target " Paris" --out paris.html
+    $ captum-gim explain --model ./all-MiniLM-L6-v2 --prompt "A man plays guitar." \
+          --query "Someone makes music." --out similarity.html
     $ python -m captum_gim demo
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
-from captum_gim.attr.gim import GIMAttribution
-from captum_gim.compare import format_table, logits_forward
-from captum_gim.config import GIMConfig
+from captum_gim import __version__
+from captum_gim._quiet import quiet_transformers
+from captum_gim.explain import SCORES, Explanation, explain
+from captum_gim.forwards import TASKS, detect_task
 from captum_gim.sites.discovery import UnsupportedModuleError
+from captum_gim.text import format_table
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Explanation", "explain", "main"]
+__all__ = ["main"]
 
 PROG = "captum-gim"
 USER_ERROR = 2
 DEMO_PROMPT = "the movie was charming and the trip was happy ?"
-SCORES = ("logit", "log-prob")
 OUTPUT_SUFFIXES = (".png", ".svg", ".pdf", ".html", ".json")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-_T = TypeVar("_T")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 class UserError(Exception):
     """An error in what the user asked for; printed as one line, without traceback."""
-
-
-@dataclass(frozen=True)
-class Explanation:
-    r"""
-    GIM attributions of each target token to the prompt tokens.
-
-    Attributes:
-        prompt_tokens (list[str]): The prompt's tokens.
-        target_tokens (list[str]): The explained target tokens.
-        target_ids (list[int]): Their ids.
-        target_text (str): The target decoded to text.
-        token_scores (Tensor): ``len(target_tokens) x len(prompt_tokens)``: the
-                    attribution of each target token's score to each prompt token.
-        score (str): What was explained: ``"logit"`` or ``"log-prob"``.
-        config (GIMConfig): The GIM settings used.
-    """
-
-    prompt_tokens: list[str]
-    target_tokens: list[str]
-    target_ids: list[int]
-    target_text: str
-    token_scores: Tensor
-    score: str
-    config: GIMConfig
-
-    @property
-    def scores(self) -> Tensor:
-        r"""
-        Returns:
-            *Tensor*: The attribution of the whole target (the sum over target
-            tokens) to each prompt token.
-        """
-        return self.token_scores.sum(dim=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,31 +121,45 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="GIM (Gradient Interaction Modifications) token attributions "
-        "for causal language models.",
+        "for transformers models: generation, classification and sentence similarity.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    explain = commands.add_parser(
+    explain_ = commands.add_parser(
         "explain",
-        help="explain a local Hugging Face causal LM",
-        description="Attribute a target continuation of a prompt to the prompt's "
-        "tokens with GIM, using a causal LM saved in a local directory.",
+        help="explain a local Hugging Face model",
+        description="Attribute a model's output for a prompt to the prompt's tokens "
+        "with GIM, using a model saved in a local directory.",
     )
-    explain.add_argument(
+    explain_.add_argument(
         "--model",
         required=True,
         type=Path,
         metavar="DIR",
-        help="directory of a saved Hugging Face causal LM and tokenizer",
+        help="directory of a saved Hugging Face model and tokenizer",
     )
-    explain.add_argument("--prompt", required=True, help="the prompt text")
-    _common_arguments(explain, default_out=None)
-    explain.add_argument(
+    explain_.add_argument("--prompt", required=True, help="the text to explain")
+    explain_.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="generate: a causal LM's continuation; classify: a sequence classifier's "
+        "label; similarity: an encoder's mean-pooled cosine similarity with --query "
+        "(default: read from the model's config.json)",
+    )
+    explain_.add_argument(
+        "--query",
+        default=None,
+        help="for --task similarity: the text whose similarity with the prompt is explained",
+    )
+    _common_arguments(explain_, default_out=None)
+    explain_.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow custom model or tokenizer code from DIR "
         "(runs that code; only for directories you trust)",
     )
-    explain.add_argument(
+    explain_.add_argument(
         "--allow-pickle",
         action="store_true",
         help="allow pickle (.bin) weights when DIR has no safetensors (unpickling can run code)",
@@ -190,23 +183,24 @@ def _common_arguments(parser: argparse.ArgumentParser, default_out: Path | None)
     parser.add_argument(
         "--target",
         default=None,
-        help="the continuation to explain, token by token (default: the model's greedy "
-        "next token); tokenized without special tokens, so include its leading space "
-        "for BPE tokenizers, e.g. ' Paris'",
+        help="generate: the continuation to explain, token by token (default: the "
+        "greedy next token), tokenized without special tokens, so include its leading "
+        "space for BPE tokenizers, e.g. ' Paris'; classify: a label name or index "
+        "(default: the predicted label)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=default_out,
         metavar="FILE",
-        help="write the heatmap (.png, .svg, .pdf, .html) or the "
-        "scores (.json)" + (f" (default: {default_out})" if default_out else ""),
+        help="write the heatmap (.png, .svg, .pdf), a page of coloured tokens (.html) or "
+        "the scores (.json)" + (f" (default: {default_out})" if default_out else ""),
     )
     parser.add_argument(
         "--score",
         choices=SCORES,
         default="logit",
-        help="explain the logit (default) or the log-probability of each target token",
+        help="explain the logit (default) or the log-probability of each target token or label",
     )
     parser.add_argument(
         "--dtype",
@@ -224,6 +218,8 @@ def _run_demo(args: argparse.Namespace) -> None:
     from captum_gim.models import model_path
 
     args.model = model_path()
+    args.task = "generate"
+    args.query = None
     args.trust_remote_code = False
     args.allow_pickle = False
     _run_explain(args)
@@ -231,92 +227,29 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 def _run_explain(args: argparse.Namespace) -> None:
     _check_out(args.out)
+    _check_device(args.device)
     _check_model_dir(args.model, args.allow_pickle)
+    architectures = _architectures(args.model)
+    task = args.task or detect_task(architectures) or "generate"
+    _check_task_arguments(args, task, architectures)
     tokenizer = _load_tokenizer(args.model, args.trust_remote_code)
-    prompt_ids = _encode(tokenizer, args.prompt, "prompt", special_tokens=True)
-    target_ids = (
-        None
-        if args.target is None
-        else _encode(tokenizer, args.target, "target", special_tokens=False)
-    )
-    model = _load_model(args.model, args)
-    explanation = explain(model, tokenizer, prompt_ids, target_ids, score=args.score)
+    prompt_ids = _encode(tokenizer, args.prompt, "--prompt")
+    query_ids = None if args.query is None else _encode(tokenizer, args.query, "--query")
+    target: list[int] | str | None = args.target
+    if task == "generate" and args.target is not None:
+        target = _encode_target(tokenizer, args.target)
+    model = _load_model(args.model, task, architectures, args)
+    try:
+        explanation = explain(
+            model, tokenizer, prompt_ids, target, task=task, query_ids=query_ids, score=args.score
+        )
+    except (ValueError, UnsupportedModuleError) as error:
+        raise UserError(_one_line(error)) from error
     print(_describe(explanation))
     print(_table(explanation))
     if args.out is not None:
         _write(explanation, args.out, model_name=str(args.model), prompt=args.prompt)
         print(f"wrote {args.out}")
-
-
-def explain(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: Sequence[int],
-    target_ids: Sequence[int] | None = None,
-    *,
-    score: str = "logit",
-    config: GIMConfig | None = None,
-) -> Explanation:
-    r"""
-    GIM attributions of a target continuation to the prompt tokens, one target token
-    at a time with teacher forcing: target token ``k`` is explained given the prompt
-    and target tokens ``0 .. k-1``, and only the prompt tokens are attributed.
-
-    Args:
-        model (PreTrainedModel): A causal language model.
-        tokenizer (PreTrainedTokenizerBase): Its tokenizer, for the token strings.
-        prompt_ids (Sequence[int]): The prompt's token ids.
-        target_ids (Sequence[int], optional): The target's token ids. None explains
-                    the model's greedy next token.
-                    Default: None
-        score (str, optional): Explain the ``"logit"`` or the ``"log-prob"``
-                    (log-probability) of each target token.
-                    Default: ``"logit"``
-        config (GIMConfig, optional): The GIM settings; None means the defaults.
-                    Default: None
-
-    Returns:
-        *Explanation*:
-        - **explanation**: The tokens and a ``targets x prompt`` score matrix.
-
-    Examples::
-
-        >>> from captum_gim.cli import explain
-        >>> from captum_gim.models import load_model
-        >>> model, tokenizer = load_model()
-        >>> ids = tokenizer("the good movie ?").input_ids
-        >>> explain(model, tokenizer, ids).scores.shape
-        torch.Size([5])
-    """
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
-    device = model.get_input_embeddings().get_parameter("weight").device
-    prompt = torch.tensor([list(prompt_ids)], device=device)
-    forward = logits_forward(model, log_probs=score == "log-prob")
-    if target_ids is None:
-        with torch.no_grad():
-            target_ids = [int(forward(prompt).argmax(dim=-1))]
-    config = GIMConfig() if config is None else config
-    gim = GIMAttribution(forward, model, config=config)
-    rows = []
-    for k in _progress(range(len(target_ids)), total=len(target_ids)):
-        prefix = torch.tensor([list(target_ids[:k])], dtype=prompt.dtype, device=device)
-        with torch.no_grad():
-            embeds = model.get_input_embeddings()(torch.cat([prompt, prefix], dim=1))
-        try:
-            attributions = gim.attribute(embeds, target=int(target_ids[k]))
-        except UnsupportedModuleError as error:
-            raise UserError(_first_line(error)) from error
-        rows.append(attributions[0, : prompt.shape[1]].sum(dim=-1).detach().float().cpu())
-    return Explanation(
-        prompt_tokens=list(tokenizer.convert_ids_to_tokens(list(prompt_ids))),
-        target_tokens=list(tokenizer.convert_ids_to_tokens(list(target_ids))),
-        target_ids=[int(t) for t in target_ids],
-        target_text=cast(str, tokenizer.decode(list(target_ids))),
-        token_scores=torch.stack(rows),
-        score=score,
-        config=config,
-    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -331,6 +264,29 @@ def _check_out(out: Path | None) -> None:
         )
     if not out.parent.is_dir():
         raise UserError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(
+            f"--device {name}: not a torch device ({_one_line(error)}); use cpu, cuda or cuda:0"
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else "finds no GPU"
+        raise UserError(
+            f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); "
+            "use --device cpu"
+        )
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); use --device cuda:0"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
 
 
 def _check_model_dir(path: Path, allow_pickle: bool) -> None:
@@ -350,101 +306,159 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, text: str, what: str, special_tokens: bool
-) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+def _architectures(path: Path) -> list[str]:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {str(path / 'config.json')!r}: {_one_line(error)}") from error
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return [str(a) for a in architectures] if isinstance(architectures, list) else []
+
+
+def _check_task_arguments(args: argparse.Namespace, task: str, architectures: list[str]) -> None:
+    if task == "similarity" and args.query is None:
+        what = f"a {architectures[0]} encoder" if architectures and args.task is None else "it"
+        raise UserError(
+            f"{str(args.model)!r} is {what}, explained as sentence similarity: pass "
+            "--query TEXT (the text to compare the prompt with), or --task generate / "
+            "--task classify for a model with that head"
+        )
+    if task == "similarity" and args.target is not None:
+        raise UserError(
+            "--target is not used with --task similarity: the explained score is the "
+            "cosine similarity of --prompt with --query"
+        )
+    if task != "similarity" and args.query is not None:
+        raise UserError(f"--query is only used with --task similarity, not with --task {task}")
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> list[int]:
+    with quiet_transformers():  # the length is checked against the model's own limit
+        ids = list(tokenizer(text)["input_ids"])
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise UserError(f"{what} {text!r} has no tokens; give some text")
+    return ids
+
+
+def _encode_target(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
-        raise UserError(f"the {what} {text!r} tokenizes to no tokens; give some text")
+        raise UserError(f"the target {text!r} tokenizes to no tokens; give some text")
+    unk = tokenizer.unk_token_id
+    if unk is not None and unk in ids:
+        unknown = [
+            word
+            for word in text.split()
+            if unk in tokenizer(word, add_special_tokens=False)["input_ids"]
+        ]
+        words = ", ".join(repr(w) for w in unknown) if unknown else repr(text)
+        raise UserError(
+            f"the target {text!r} has words the tokenizer does not know ({words} would be "
+            f"{tokenizer.unk_token}); use words of the model's vocabulary"
+        )
     return ids
 
 
 # --------------------------------------------------------------------------- loading
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silences the warnings and progress bars of transformers while loading."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+            "save the tokenizer next to the model with tokenizer.save_pretrained(DIR)"
+        )
+    with quiet_transformers():
         try:
             return AutoTokenizer.from_pretrained(
                 path, local_files_only=True, trust_remote_code=trust_remote_code
             )
         except Exception as error:  # any failure here is a problem of the directory
             raise UserError(
-                f"cannot load a tokenizer from {str(path)!r}: {_first_line(error)}"
+                f"cannot load a tokenizer from {str(path)!r}: {_one_line(error)}"
             ) from error
 
 
-def _load_model(path: Path, args: argparse.Namespace) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
+def _load_model(
+    path: Path, task: str, architectures: list[str], args: argparse.Namespace
+) -> PreTrainedModel:
+    import transformers
 
-    with _quiet_transformers():
+    auto = {
+        "generate": transformers.AutoModelForCausalLM,
+        "classify": transformers.AutoModelForSequenceClassification,
+        "similarity": transformers.AutoModel,
+    }[task]
+    what = {"generate": "a causal LM", "classify": "a sequence classifier", "similarity": "a model"}
+    with quiet_transformers():
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = auto.from_pretrained(
                 path,
                 local_files_only=True,
                 trust_remote_code=args.trust_remote_code,
                 use_safetensors=None if args.allow_pickle else True,
                 dtype=DTYPES[args.dtype],
+                output_loading_info=True,
             )
-            model = model.to(args.device)
         except Exception as error:  # any failure here is a problem of the directory
             raise UserError(
-                f"cannot load a causal LM from {str(path)!r}: {_first_line(error)}"
+                f"cannot load {what[task]} from {str(path)!r}: {_one_line(error)}"
             ) from error
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise UserError(_new_head_message(path, task, architectures, type(model).__name__, missing))
+    try:
+        model = model.to(args.device)
+    except Exception as error:
+        raise UserError(f"cannot move the model to {args.device!r}: {_one_line(error)}") from error
     return model.eval()
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _new_head_message(
+    path: Path, task: str, architectures: list[str], loaded: str, missing: list[str]
+) -> str:
+    saved = f"a {architectures[0]} checkpoint" if architectures else "a checkpoint"
+    names = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    saved_task = detect_task(architectures)
+    kinds = {"generate": "a causal LM", "classify": "a sequence classifier"}
+    if saved_task == "similarity":
+        fix = "it is an encoder: explain sentence similarity with --task similarity --query TEXT"
+    elif saved_task is not None and saved_task != task:
+        fix = f"it is {kinds[saved_task]}: use --task {saved_task}"
+    else:
+        fix = "pass a model saved with a trained head"
+    return (
+        f"{str(path)!r} is {saved} without weights for the head of {loaded} ({names}); "
+        f"transformers would initialise them randomly and the explanation would be "
+        f"meaningless; {fix}"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    """The whole message of ``error`` on one line."""
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    return text or type(error).__name__
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _progress(items: Iterable[_T], total: int) -> Iterable[_T]:
-    """A progress bar on stderr for more than one item: tqdm if installed."""
-    if total < 2:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _counter(items, total)
-    return tqdm(items, total=total, desc="target tokens", file=sys.stderr, leave=False)
-
-
-def _counter(items: Iterable[_T], total: int) -> Iterator[_T]:
-    for done, item in enumerate(items):
-        print(f"\rtarget tokens: {done}/{total}", end="", file=sys.stderr, flush=True)
-        yield item
-    print(f"\rtarget tokens: {total}/{total}", file=sys.stderr, flush=True)
-
-
 def _describe(explanation: Explanation) -> str:
-    return (
-        f"GIM attributions of the {explanation.score} of the target "
-        f"{explanation.target_text!r} "
-        f"({len(explanation.target_ids)} token(s)) to the prompt tokens:"
-    )
+    if explanation.task == "similarity":
+        what = f"the cosine similarity with the query {explanation.target_text!r}"
+    elif explanation.task == "classify":
+        what = (
+            f"the {explanation.score} of the label {explanation.target_text!r} "
+            f"(index {explanation.target_ids[0]})"
+        )
+    else:
+        what = (
+            f"the {explanation.score} of the target {explanation.target_text!r} "
+            f"({len(explanation.target_ids)} token(s))"
+        )
+    return f"GIM attributions of {what} to the prompt tokens:"
 
 
 def _table(explanation: Explanation) -> str:
@@ -459,23 +473,50 @@ def _table(explanation: Explanation) -> str:
     return format_table(["#", "token", *columns], rows)
 
 
+def _title(explanation: Explanation) -> str:
+    if explanation.task == "similarity":
+        return f"GIM: cosine similarity with {explanation.target_text!r}"
+    return f"GIM: {explanation.score} of {explanation.target_text!r}"
+
+
 def _write(explanation: Explanation, out: Path, model_name: str, prompt: str) -> None:
-    if out.suffix.lower() == ".json":
+    suffix = out.suffix.lower()
+    if suffix == ".json":
         out.write_text(json.dumps(_as_json(explanation, model_name, prompt), indent=2) + "\n")
         return
-    from captum_gim.visualization import plot_token_heatmap, save_figure
+    from captum_gim import visualization
 
-    figure = plot_token_heatmap(
-        explanation.prompt_tokens,
-        explanation.scores,
-        title=f"GIM: {explanation.score} of {explanation.target_text!r}",
-    )
-    save_figure(figure, out)
+    if suffix == ".html":
+        rows = dict(zip(_row_labels(explanation.target_tokens), explanation.token_scores))
+        if len(rows) > 1:
+            rows["sum"] = explanation.scores
+        visualization.write_token_html(
+            out, explanation.prompt_tokens, rows, title=_title(explanation)
+        )
+        return
+    if len(explanation.target_tokens) > 1:
+        figure = visualization.plot_token_matrix(
+            explanation.prompt_tokens,
+            explanation.target_tokens,
+            explanation.token_scores,
+            title=_title(explanation),
+        )
+    else:
+        figure = visualization.plot_token_heatmap(
+            explanation.prompt_tokens, explanation.scores, title=_title(explanation)
+        )
+    visualization.save_figure(figure, out)
+
+
+def _row_labels(tokens: list[str]) -> list[str]:
+    """One distinct label per target token (a token can repeat)."""
+    return [f"{k}: {token}" for k, token in enumerate(tokens)] if len(tokens) > 1 else tokens
 
 
 def _as_json(explanation: Explanation, model_name: str, prompt: str) -> dict[str, Any]:
     return {
         "method": "GIM",
+        "task": explanation.task,
         "config": asdict(explanation.config),
         "model": model_name,
         "prompt": prompt,

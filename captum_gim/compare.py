@@ -1,15 +1,14 @@
 r"""
 Run GIM and Captum's attribution methods on the same prompt and compare them.
 
-:func:`compare` explains one target token of a causal language model with GIM and with
-any Captum methods (classes or ready instances), and returns a
+:func:`compare` explains one target of a model with GIM and with any Captum methods
+(classes or ready instances): a causal LM's next token, a sequence classifier's label,
+or a sentence encoder's cosine similarity with a query. It returns a
 :class:`ComparisonResult`: one score per token and method (the attribution summed over
 the hidden dimension), the wall time of each method, a text table, a list-of-dicts
 table (or a pandas ``DataFrame``) and a side-by-side token heatmap.
 
-:func:`logits_forward` is the forward function the methods share: it takes input
-embeddings or token ids (and optionally an attention mask) and returns the logits (or
-log-probabilities) of the next token.
+The methods share the forward function of the task, from :mod:`captum_gim.forwards`.
 """
 
 from __future__ import annotations
@@ -27,77 +26,20 @@ from torch import Tensor, nn
 
 from captum_gim.attr.gim import GIMAttribution
 from captum_gim.config import GIMConfig
+from captum_gim.forwards import label_index, logits_forward, task_forward
+from captum_gim.text import format_table, readable_tokens
 
 if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
     from transformers import PreTrainedModel
 
-__all__ = ["ComparisonResult", "compare", "format_table", "logits_forward"]
+__all__ = ["ComparisonResult", "compare", "logits_forward"]
 
 #: An attribution method for :func:`compare`: a Captum class or a ready instance.
 MethodLike = type[Attribution] | Attribution
 
 GIM_NAME = "GIM"
-
-
-def logits_forward(
-    model: nn.Module, position: int = -1, log_probs: bool = False
-) -> Callable[..., Tensor]:
-    r"""
-    A forward function for Captum from input embeddings or token ids to the logits of
-    one position of a causal language model.
-
-    The returned function is ``forward(inputs, attention_mask=None)``: floating-point
-    ``inputs`` are passed to the model as ``inputs_embeds`` and integer ones as
-    ``input_ids``. It returns ``batch x vocabulary`` logits, so Captum's ``target`` is a
-    token id. With an ``attention_mask`` and ``position=-1``, each row is read at its
-    own last non-padding token, which makes left- and right-padded batches work alike.
-
-    Args:
-        model (nn.Module): A causal language model whose output has ``.logits`` (a
-                    transformers ``...ForCausalLM``) or is the logits tensor.
-        position (int, optional): The position whose next-token logits are returned.
-                    Default: -1
-        log_probs (bool, optional): Return log-probabilities (``log_softmax`` of the
-                    logits) instead of logits.
-                    Default: False
-
-    Returns:
-        *Callable*:
-        - **forward** (*Callable[[Tensor, Tensor | None], Tensor]*): The forward
-          function, ``batch x vocabulary``.
-
-    Examples::
-
-        >>> from captum.attr import Saliency
-        >>> from captum_gim.compare import logits_forward
-        >>> from captum_gim.models import load_model
-        >>> model, tokenizer = load_model()
-        >>> saliency = Saliency(logits_forward(model))
-        >>> ids = tokenizer("the good movie ?", return_tensors="pt").input_ids
-        >>> embeds = model.get_input_embeddings()(ids).detach()
-        >>> scores = saliency.attribute(embeds, target=5).sum(-1)
-    """
-
-    def forward(inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
-        output = model(**{key: inputs}, attention_mask=attention_mask)
-        logits = output.logits if hasattr(output, "logits") else output
-        if attention_mask is not None and position == -1:
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            logits = logits[rows, _last_real_positions(attention_mask)]
-        else:
-            logits = logits[:, position]
-        return torch.log_softmax(logits, dim=-1) if log_probs else logits
-
-    return forward
-
-
-def _last_real_positions(attention_mask: Tensor) -> Tensor:
-    """Index of the last token with mask 1 in each row (left or right padding)."""
-    length = attention_mask.shape[1]
-    return length - 1 - attention_mask.flip(1).to(torch.long).argmax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -114,7 +56,8 @@ class ComparisonResult:
                     ``batch x tokens x hidden``.
         seconds (dict[str, float]): Wall time of each method (building it and one
                     ``attribute`` call), in seconds.
-        target (list[int]): The explained token id of each example.
+        target (list[int or None]): The explained token id or label index of each
+                    example (None for a similarity).
         attention_mask (Tensor): ``batch x tokens``, 1 for real tokens; padded
                     positions are left out of tables and plots.
     """
@@ -123,7 +66,7 @@ class ComparisonResult:
     scores: dict[str, Tensor]
     attributions: dict[str, Tensor]
     seconds: dict[str, float]
-    target: list[int]
+    target: list[int | None]
     attention_mask: Tensor
 
     @property
@@ -149,7 +92,8 @@ class ComparisonResult:
         Returns:
             *list[dict[str, Any]]*:
             - **records**: Dicts with the keys ``method``, ``example``, ``position``,
-              ``token``, ``score`` (float), ``target`` (token id) and ``seconds``
+              ``token``, ``score`` (float), ``target`` (token id, label index or
+              None) and ``seconds``
               (the method's wall time).
 
         Examples::
@@ -276,9 +220,11 @@ def compare(
     model: PreTrainedModel,
     tokens: Any,
     input_ids: Tensor,
-    target: TargetType = None,
+    target: TargetType | str = None,
     methods: Mapping[str, MethodLike] | Sequence[MethodLike] | None = None,
     *,
+    task: str = "generate",
+    query_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     gim: bool | GIMConfig = True,
     log_probs: bool = False,
@@ -286,37 +232,52 @@ def compare(
     attribute_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ComparisonResult:
     r"""
-    Explains the next-token prediction of a causal language model with GIM and with
-    Captum's attribution methods, on the same inputs and target, and collects one score
-    per token and method and each method's wall time.
+    Explains a model's output with GIM and with Captum's attribution methods, on the
+    same inputs and target, and collects one score per token and method and each
+    method's wall time.
 
-    Every method explains the same forward function, :func:`logits_forward` (the logits
-    of the last token, or of the last non-padding token of each row), with the same
-    ``target``. A method given as a class is built by ``compare``: a layer method
+    Every method explains the same forward function of the ``task``, with the same
+    ``target``: for ``"generate"`` :func:`captum_gim.forwards.logits_forward` (the logits
+    of the last token, or of the last non-padding token of each row; the target is a
+    token id), for ``"classify"`` :func:`captum_gim.forwards.classifier_forward` (a
+    sequence classifier's class logits; the target is a label index or name), for
+    ``"similarity"`` :func:`captum_gim.forwards.similarity_forward` (the cosine
+    similarity of each row's mean-pooled embedding with that of ``query_ids``; no
+    target). A method given as a class is built by ``compare``: a layer method
     (e.g. ``LayerIntegratedGradients``, ``LayerGradientXActivation``) on ``layer`` with
     the token ids as inputs, any other method (e.g. ``Saliency``, ``InputXGradient``,
     ``IntegratedGradients``, ``DeepLift``) on the input embeddings. A method given as an
-    instance is used as it is, so it must take the same inputs: build it on
-    ``logits_forward(model)``; this is how to pass wrappers such as ``NoiseTunnel``.
+    instance is used as it is, so it must take the same inputs: build it on the task's
+    forward function, e.g. ``logits_forward(model)``; this is how to pass wrappers such
+    as ``NoiseTunnel``.
     ``attribute`` gets the inputs, ``target``, ``additional_forward_args=
     (attention_mask,)`` when a mask is given, and the method's ``attribute_kwargs``.
 
     Args:
         model (nn.Module): A causal language model (a transformers
                     ``...ForCausalLM``, or any module taking ``input_ids`` or
-                    ``inputs_embeds`` and ``attention_mask``).
+                    ``inputs_embeds`` and ``attention_mask``), a sequence classifier
+                    (``task="classify"``) or an encoder (``task="similarity"``).
         tokens (tokenizer, Sequence[str], Sequence[Sequence[str]] or None): How to
                     label the tokens: a tokenizer (anything with
-                    ``convert_ids_to_tokens``), the token strings of a single example,
+                    ``convert_ids_to_tokens``; tokens are then shown as text, see
+                    :func:`captum_gim.text.readable_tokens`), the token strings of a
+                    single example,
                     one list of them per example, or None for the ids as strings.
         input_ids (Tensor): Token ids, ``tokens`` or ``batch x tokens``.
-        target (int, Tensor, list or None, optional): The explained token id, one for
-                    all examples or one per example, as in Captum. None explains the
-                    model's greedy next token of each example.
+        target (int, str, Tensor, list or None, optional): The explained token id
+                    or label index, one for all examples or one per example, as in
+                    Captum; for ``"classify"`` also a label name. None explains the
+                    greedy next token or the predicted label of each example; it must
+                    be None for ``"similarity"``.
                     Default: None
         methods (Mapping[str, class or Attribution] or Sequence, optional): The Captum
                     methods to run, by name; a sequence is named by class names. None
                     runs ``Saliency``, ``InputXGradient`` and ``IntegratedGradients``.
+                    Default: None
+        task (str, optional): ``"generate"``, ``"classify"`` or ``"similarity"``.
+                    Default: ``"generate"``
+        query_ids (Tensor, optional): For ``"similarity"``: the query's token ids.
                     Default: None
         attention_mask (Tensor, optional): ``batch x tokens``, 1 for real tokens and 0
                     for padding.
@@ -325,7 +286,7 @@ def compare(
                     a :class:`GIMConfig` sets its rules, False leaves it out.
                     Default: True
         log_probs (bool, optional): Explain the log-probability of the target token
-                    instead of its logit.
+                    or label instead of its logit.
                     Default: False
         layer (nn.Module, optional): The layer of the layer methods. None means
                     ``model.get_input_embeddings()``.
@@ -365,12 +326,23 @@ def compare(
         )
     token_rows = _token_strings(tokens, input_ids)
     layer = model.get_input_embeddings() if layer is None else layer
-    forward = logits_forward(model, log_probs=log_probs)
+    forward = task_forward(model, task, log_probs=log_probs, query_ids=query_ids)
     extra_args = None if attention_mask is None else (attention_mask,)
-    if target is None:
-        with torch.no_grad():
-            target = forward(input_ids, attention_mask).argmax(dim=-1)
-    targets = _target_list(target, input_ids.shape[0])
+    targets: list[int | None]
+    if task == "similarity":
+        if target is not None:
+            raise ValueError(
+                "task='similarity' explains one similarity per example and takes no "
+                "target; pass the query as query_ids."
+            )
+        targets = [None] * input_ids.shape[0]
+    else:
+        if isinstance(target, str) and task == "classify":
+            target = label_index(model, target)
+        if target is None:
+            with torch.no_grad():
+                target = forward(input_ids, attention_mask).argmax(dim=-1)
+        targets = list(_target_list(target, input_ids.shape[0]))
     runs = _named_methods(methods)
     if gim is not False:
         if GIM_NAME in runs:
@@ -507,7 +479,7 @@ def _token_strings(tokens: Any, input_ids: Tensor) -> list[list[str]]:
     if tokens is None:
         return [[str(i) for i in row] for row in ids]
     if hasattr(tokens, "convert_ids_to_tokens"):
-        return [list(tokens.convert_ids_to_tokens(row)) for row in ids]
+        return [readable_tokens(tokens, row) for row in ids]
     if isinstance(tokens, str):
         raise TypeError("tokens must be a tokenizer or a sequence of token strings, not one str.")
     tokens = list(tokens)
@@ -534,49 +506,3 @@ def _target_list(target: TargetType, batch: int) -> list[int]:
             f"a tensor of them, got {target!r}."
         )
     return values * batch if len(values) == 1 else list(values)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 4) -> str:
-    r"""
-    Formats rows as an aligned plain-text table: text left-aligned, numbers
-    right-aligned with ``digits`` digits after the decimal point.
-
-    Args:
-        headers (Sequence[str]): The column names.
-        rows (Sequence[Sequence[object]]): The rows, one value per column.
-        digits (int, optional): Digits after the decimal point of floats.
-                    Default: 4
-
-    Returns:
-        *str*:
-        - **table**: The header, a rule and the rows, without a trailing newline.
-
-    Examples::
-
-        >>> print(format_table(["token", "GIM"], [["good", 0.5]]))
-        token     GIM
-        -----  ------
-        good   0.5000
-    """
-    cells = [[_cell(v, digits) for v in row] for row in rows]
-    numeric = [
-        all(isinstance(row[i], (int, float)) or row[i] == "" for row in rows)
-        for i in range(len(headers))
-    ]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if right else v.ljust(w) for v, w, right in zip(values, widths, numeric)
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = ["-" * w for w in widths]
-    return "\n".join([line(list(headers)), line(rule), *(line(r) for r in cells)])
-
-
-def _cell(value: object, digits: int) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    text = str(value)
-    return text.replace("\n", "\\n").replace("\t", "\\t")

@@ -15,7 +15,9 @@ class GIMConfig:
     Every rule can be switched off on its own: ``temperature=1.0`` (or ``None``)
     gives the exact attention-softmax gradient, ``freeze_norm=False`` the exact
     normalization gradient, and a scale of ``1.0`` the exact gradient of that
-    factor of a multiplicative interaction.
+    factor of a multiplicative interaction. A scale of ``0.0`` blocks the gradient
+    through that factor (e.g. ``q_scale=k_scale=0`` attributes through the values
+    only); negative scales are refused.
 
     Args:
         temperature (float or None, optional): Temperature :math:`T` of the
@@ -68,6 +70,12 @@ class GIMConfig:
             raise TypeError(f"freeze_norm must be True or False, got {self.freeze_norm!r}.")
         for name in ("q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"):
             _check_real(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name} must be >= 0, got {getattr(self, name)}: a negative scale "
+                    "would flip the sign of that gradient path. Use a value in [0, 1] "
+                    "(1.0 switches the rule off, 0.0 blocks the path)."
+                )
 
     @classmethod
     def all_rules_off(cls) -> GIMConfig:

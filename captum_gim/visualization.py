@@ -6,9 +6,12 @@
 * :func:`plot_token_matrix` draws a prompt-token by generated-token matrix, as Captum's
   ``LLMAttributionResult.plot_token_attr`` does, but returns the figure.
 * :func:`save_figure` writes a figure as PNG, SVG, PDF or a self-contained HTML page.
+* :func:`token_html` / :func:`write_token_html` write the tokens as coloured text in a
+  self-contained HTML page, one row per target and the value of each token on hover.
 
-All plots use a diverging colour map centred on zero: positive attributions are red and
-negative ones blue with the default ``"RdBu_r"``. Figures are built with
+All plots and pages use one colour convention, Captum's: positive attributions are
+green, negative ones red, zero white (:data:`ATTRIBUTION_CMAP`), so the same scores look
+the same here and in Captum's ``visualize_text`` and ``plot_token_attr``. Figures are built with
 :class:`matplotlib.figure.Figure` directly, so nothing is registered with ``pyplot``,
 nothing is shown, and the functions work headless and in loops without leaking figures.
 """
@@ -19,8 +22,6 @@ import base64
 import html
 import io
 import os
-import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,17 +32,21 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap, Normalize
+from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize, to_hex
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
 from matplotlib.textpath import TextToPath
+
+from captum_gim.text import cell_width, decode_markers, display_token, shorten
 
 __all__ = [
     "plot_methods_side_by_side",
     "plot_token_heatmap",
     "plot_token_matrix",
     "save_figure",
+    "token_html",
+    "write_token_html",
 ]
 
 #: One value per token: a tensor, a numpy array or a sequence of floats.
@@ -62,10 +67,9 @@ _MARGIN_IN = 0.3  # left and right figure margins, in inches
 _TOP_IN = 0.15  # top figure margin, in inches
 _ROW_GAP_IN = 0.1  # space between the rows of plot_methods_side_by_side, in inches
 
-# Subword markers of byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece tokenizers.
-_MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"}
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_VISIBLE_WHITESPACE = {" ": "␣", "\t": "⇥", "\n": "⏎", "\r": "⏎"}
+#: The colour map of every plot and page: red for negative, white for zero, green for
+#: positive attributions, as Captum's ``visualize_text`` and ``plot_token_attr`` show them.
+ATTRIBUTION_CMAP = LinearSegmentedColormap.from_list("RdWhGn", ["red", "white", "green"])
 
 
 # --------------------------------------------------------------------------- inputs
@@ -151,44 +155,6 @@ def _root_figure(ax: Axes) -> Figure:
 # --------------------------------------------------------------------------- tokens
 
 
-def _decode_token(token: str) -> str:
-    """The text a token stands for: subword markers become spaces or newlines."""
-    if token.startswith("##") and len(token) > 2:  # WordPiece continuation
-        return token[2:]
-    token = _BYTE_TOKEN.sub(
-        lambda m: chr(int(m.group(1), 16)) if int(m.group(1), 16) < 0x80 else m.group(0),
-        token,
-    )
-    for marker, text in _MARKERS.items():
-        token = token.replace(marker, text)
-    return token
-
-
-def _format_token(token: str) -> str:
-    """The label drawn for a token: decoded, with empty or invisible text made visible."""
-    text = _decode_token(token)
-    if text == "":
-        return "∅"
-    if text.isspace():
-        return "".join(_VISIBLE_WHITESPACE.get(c, "·") for c in text)
-    for char in "\r\n\t":
-        text = text.replace(char, _VISIBLE_WHITESPACE[char])
-    return text
-
-
-def _cells(text: str) -> int:
-    """Width of ``text`` in monospace character cells (wide CJK characters take two)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def _shorten(text: str, cells: int) -> str:
-    if _cells(text) <= cells:
-        return text
-    while _cells(text) > cells - 1:
-        text = text[:-1]
-    return text + "…"
-
-
 @lru_cache(maxsize=32)
 def _char_width_in(fontsize: float) -> float:
     """Advance of one character of the monospace font, in inches."""
@@ -215,8 +181,8 @@ def _layout_tokens(tokens: Sequence[str], wrap_width: int) -> _TokenLayout:
     labels, xs, widths, lines = [], [], [], []
     x, line = 0.0, 0
     for token in tokens:
-        label = _shorten(_format_token(token), wrap_width - 1)
-        width = _cells(label) + 2 * _BOX_PAD
+        label = shorten(display_token(token), wrap_width - 1)
+        width = cell_width(label) + 2 * _BOX_PAD
         if x > 0 and x + width > wrap_width:
             x, line = 0.0, line + 1
         labels.append(label)
@@ -224,7 +190,7 @@ def _layout_tokens(tokens: Sequence[str], wrap_width: int) -> _TokenLayout:
         widths.append(width)
         lines.append(line)
         x += width + _BOX_GAP
-        if "\n" in _decode_token(token):  # keep the text's own line breaks
+        if "\n" in decode_markers(token):  # keep the text's own line breaks
             x, line = 0.0, line + 1
     n_lines = lines[-1] + 1
     return _TokenLayout(labels, xs, widths, lines, n_lines, wrap_width)
@@ -332,7 +298,7 @@ def plot_token_heatmap(
     *,
     title: str | None = None,
     ax: Axes | None = None,
-    cmap: str | Colormap = "RdBu_r",
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
     max_abs: float | None = None,
     wrap_width: int | None = None,
     fontsize: float = 10.0,
@@ -341,7 +307,7 @@ def plot_token_heatmap(
     Draws one text as a row of coloured tokens, wrapped onto lines like prose.
 
     Each token is a box coloured by its attribution on a diverging colour map centred on
-    zero (red for positive and blue for negative with ``"RdBu_r"``), with a colour bar
+    zero (green for positive and red for negative by default), with a colour bar
     below. Subword markers are turned back into text: ``"Ġ"`` and ``"▁"`` become spaces,
     ``"Ċ"`` and ``<0x0A>`` newlines, and the WordPiece prefix ``"##"`` is dropped. Tokens
     that would be invisible are marked: ``"∅"`` for an empty token, ``"␣"`` for a space,
@@ -364,7 +330,7 @@ def plot_token_heatmap(
                     lines. If None, a new figure sized to the text is created.
                     Default: None
         cmap (str or Colormap, optional): A diverging colour map.
-                    Default: ``"RdBu_r"``
+                    Default: :data:`ATTRIBUTION_CMAP` (red, white, green)
         max_abs (float, optional): Attribution mapped to the ends of the colour map, as
                     ``[-max_abs, max_abs]``. Use the same value for several plots to make
                     their colours comparable. If None, the largest absolute attribution.
@@ -419,7 +385,7 @@ def plot_methods_side_by_side(
     *,
     normalize: bool = True,
     title: str | None = None,
-    cmap: str | Colormap = "RdBu_r",
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
     wrap_width: int = 80,
     fontsize: float = 10.0,
 ) -> Figure:
@@ -445,7 +411,7 @@ def plot_methods_side_by_side(
         title (str, optional): Title drawn above the rows.
                     Default: None
         cmap (str or Colormap, optional): A diverging colour map.
-                    Default: ``"RdBu_r"``
+                    Default: :data:`ATTRIBUTION_CMAP` (red, white, green)
         wrap_width (int, optional): Maximum length of a line, in characters.
                     Default: 80
         fontsize (float, optional): Font size of the tokens, in points.
@@ -496,7 +462,7 @@ def plot_token_matrix(
     *,
     title: str | None = None,
     ax: Axes | None = None,
-    cmap: str | Colormap = "RdBu_r",
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
     max_abs: float | None = None,
     annotate: bool | None = None,
     fmt: str = ".2f",
@@ -525,7 +491,7 @@ def plot_token_matrix(
                     a new figure sized to the matrix is created.
                     Default: None
         cmap (str or Colormap, optional): A diverging colour map.
-                    Default: ``"RdBu_r"``
+                    Default: :data:`ATTRIBUTION_CMAP` (red, white, green)
         max_abs (float, optional): Attribution mapped to the ends of the colour map, as
                     ``[-max_abs, max_abs]``. If None, the largest absolute attribution.
                     Default: None
@@ -569,8 +535,8 @@ def plot_token_matrix(
     colormap = _colormap(cmap)
     if annotate is None:
         annotate = data.size <= _MAX_ANNOTATED_CELLS
-    x_labels = [_shorten(_format_token(t), _MAX_TICK_LABEL_CHARS) for t in input_tokens]
-    y_labels = [_shorten(_format_token(t), _MAX_TICK_LABEL_CHARS) for t in output_tokens]
+    x_labels = [shorten(display_token(t), _MAX_TICK_LABEL_CHARS) for t in input_tokens]
+    y_labels = [shorten(display_token(t), _MAX_TICK_LABEL_CHARS) for t in output_tokens]
 
     if ax is None:
         em = fontsize / 72
@@ -578,8 +544,8 @@ def plot_token_matrix(
         cell_h = max(1.8 * em, 0.2)
         widest = format(-(norm.vmax or 0.0), fmt)  # the longest value annotation
         cell_w = max(cell_h, (len(widest) + 1) * char_w) if annotate else cell_h
-        left = 0.5 + char_w * max(_cells(s) for s in y_labels)
-        bottom = 0.6 + char_w * max(_cells(s) for s in x_labels)
+        left = 0.5 + char_w * max(cell_width(s) for s in y_labels)
+        bottom = 0.6 + char_w * max(cell_width(s) for s in x_labels)
         width = max(4.0, left + cell_w * data.shape[1] + 1.4)
         height = max(3.0, bottom + cell_h * data.shape[0] + (0.6 if title else 0.3))
         fig = Figure(figsize=(width, height), layout="constrained")
@@ -662,4 +628,133 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float | None 
         "</body>\n</html>\n",
         encoding="utf-8",
     )
+    return path
+
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #111; background: #fff; }
+h1 { font-size: 1.2em; }
+.row { margin: 0 0 1.2em 0; max-width: 60em; }
+.label { font-weight: bold; margin-bottom: 0.3em; }
+.text { font-family: ui-monospace, monospace; font-size: 15px; line-height: 1.9; }
+.tok { display: inline-block; padding: 0 0.15em; margin: 1px; border-radius: 3px;
+       white-space: pre; }
+.legend { font-size: 0.9em; color: #444; margin-bottom: 1em; }
+"""
+
+
+def token_html(
+    tokens: Sequence[str],
+    rows: Mapping[str, AttributionLike],
+    *,
+    title: str | None = None,
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
+) -> str:
+    r"""
+    A self-contained HTML page of the tokens as coloured text, one row per target.
+
+    Every token is a ``<span class="tok">`` holding its text, its background coloured
+    by its score (green positive, red negative by default), and its value in a tooltip
+    (``title``) and in ``data-score``. Each row is scaled by its own largest absolute
+    score, shown in the row's label. The page needs no network and no script, and long
+    texts (hundreds of tokens) wrap like prose.
+
+    Args:
+
+        tokens (Sequence[str]): The tokens, as text (e.g. from
+                    :func:`captum_gim.text.readable_tokens`) or as the tokenizer spells
+                    them.
+        rows (Mapping[str, Tensor, np.ndarray or Sequence[float]]): For each row
+                    label (e.g. a target token, or ``"sum"``), one score per token.
+        title (str, optional): Heading of the page.
+                    Default: None
+        cmap (str or Colormap, optional): A diverging colour map.
+                    Default: :data:`ATTRIBUTION_CMAP`
+
+    Returns:
+        *str*:
+        - **page**: The HTML document.
+
+    Examples::
+
+        >>> from captum_gim.visualization import token_html
+        >>> page = token_html(["The", " capital", " of"], {"Paris": [0.1, 0.9, -0.2]})
+    """
+    tokens = _check_tokens("tokens", tokens)
+    if not rows:
+        raise ValueError("rows is empty; pass a mapping such as {'Paris': scores}.")
+    colormap = _colormap(cmap)
+    escape = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head><meta charset="utf-8">',
+        f"<title>{escape(title or 'GIM attributions')}</title>",
+        f"<style>{_HTML_STYLE}</style></head>",
+        "<body>",
+    ]
+    if title:
+        parts.append(f"<h1>{escape(title)}</h1>")
+    parts.append(
+        '<p class="legend">Green: positive attribution, red: negative; each row is scaled '
+        "by its own largest |score|. Hover over a token for its value.</p>"
+    )
+    for label, scores in rows.items():
+        name = f"rows[{label!r}]"
+        values = _as_array(name, scores, ndim=1)
+        _check_length(name, values, tokens)
+        norm = _symmetric_norm(values, None)
+        spans = []
+        for index, (token, value) in enumerate(zip(tokens, values)):
+            face = colormap(norm(value))
+            text = display_token(token) if decode_markers(token).strip() == "" else token
+            text = decode_markers(text)
+            spans.append(
+                f'<span class="tok" style="background:{to_hex(face)};color:'
+                f'{_text_color(face)}" title="#{index} {escape(repr(text))}: {value:+.4g}" '
+                f'data-index="{index}" data-score="{value:.6g}">{escape(text)}</span>'
+            )
+        largest = float(np.abs(values).max())
+        parts.append(
+            f'<div class="row"><div class="label">{escape(str(label))} '
+            f"<small>(max |score| {largest:.4g})</small></div>"
+            f'<div class="text">{"".join(spans)}</div></div>'
+        )
+    parts.append("</body>\n</html>\n")
+    return "\n".join(parts)
+
+
+def write_token_html(
+    path: str | os.PathLike[str],
+    tokens: Sequence[str],
+    rows: Mapping[str, AttributionLike],
+    *,
+    title: str | None = None,
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
+) -> Path:
+    r"""
+    Writes :func:`token_html` to ``path`` (UTF-8).
+
+    Args:
+
+        path (str or os.PathLike): The ``.html`` file to write; its directory must exist.
+        tokens (Sequence[str]): The tokens.
+        rows (Mapping[str, Tensor, np.ndarray or Sequence[float]]): One score per token
+                    for each row label.
+        title (str, optional): Heading of the page.
+                    Default: None
+        cmap (str or Colormap, optional): A diverging colour map.
+                    Default: :data:`ATTRIBUTION_CMAP`
+
+    Returns:
+        *Path*:
+        - The path written.
+
+    Examples::
+
+        >>> from captum_gim.visualization import write_token_html
+        >>> path = write_token_html("paris.html", ["The", " capital"], {"Paris": [0.2, 0.8]})
+    """
+    path = Path(path)
+    path.write_text(token_html(tokens, rows, title=title, cmap=cmap), encoding="utf-8")
     return path

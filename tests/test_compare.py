@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from tiny_models import FAMILY_BY_NAME, sample_ids
 
 from captum_gim import GIMAttribution, GIMConfig
-from captum_gim.compare import ComparisonResult, compare, format_table, logits_forward
+from captum_gim.compare import ComparisonResult, compare, logits_forward
 from captum_gim.models import load_model
 
 TARGET = 5
@@ -267,13 +267,3 @@ def test_bad_methods_raise_clear_errors(
 def test_float_input_ids_are_refused(model: torch.nn.Module) -> None:
     with pytest.raises(TypeError, match="token ids"):
         compare(model, None, torch.zeros(1, 3), TARGET)
-
-
-def test_format_table_aligns_text_left_and_numbers_right() -> None:
-    table = format_table(["token", "GIM"], [["good", 0.5], ["a\nb", -12.25]], digits=2)
-    assert table.splitlines() == [
-        "token     GIM",
-        "-----  ------",
-        "good     0.50",
-        "a\\nb   -12.25",
-    ]

@@ -67,3 +67,10 @@ def test_keyword_settings_are_the_config_fields() -> None:
 
     assert tuple(GIMSettings.__annotations__) == SETTING_NAMES
     assert SETTING_NAMES == tuple(f.name for f in fields(GIMConfig))
+
+
+@pytest.mark.parametrize("name", ["q_scale", "k_scale", "v_scale", "gate_scale", "up_scale"])
+def test_negative_scales_are_refused_and_zero_blocks_the_path(name) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be >= 0, got -0.5.*0.0 blocks"):
+        GIMConfig(**{name: -0.5})
+    assert getattr(GIMConfig(**{name: 0.0}), name) == 0.0

@@ -139,3 +139,15 @@ def test_model_self_repairs_when_one_of_two_evidence_words_is_removed(bundled) -
     )
     assert min(double_drops) > 1.0  # removing both evidence words matters
     assert ratio < 0.5
+
+
+def test_load_model_shows_no_progress_bar_and_restores_logging(capfd) -> None:
+    from transformers.utils import logging
+
+    logging.enable_progress_bar()
+    verbosity = logging.get_verbosity()
+    capfd.readouterr()
+    load_model()
+    captured = capfd.readouterr()
+    assert "Loading" not in captured.err and "%|" not in captured.err, captured.err
+    assert logging.is_progress_bar_enabled() and logging.get_verbosity() == verbosity

@@ -1,8 +1,11 @@
-"""Every notebook in tutorials/ runs from top to bottom, offline, so the tutorials never rot."""
+"""Every notebook in tutorials/ is stored with its outputs and runs from top to bottom,
+offline, producing the same kinds of output, so the tutorials never rot."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import struct
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,6 @@ import pytest
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 180
-# Notebooks committed with their outputs (small figures), so they read well on GitHub.
-STORED_WITH_OUTPUTS = {"Circuits_with_GIM.ipynb"}
-MAX_STORED_PNG_BYTES = 100_000
 
 _missing = [m for m in ("nbclient", "nbformat", "ipykernel") if importlib.util.find_spec(m) is None]
 pytestmark = pytest.mark.skipif(
@@ -37,31 +37,48 @@ def test_the_tutorials_are_there() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [p for p in NOTEBOOKS if p.name not in STORED_WITH_OUTPUTS],
-    ids=lambda p: p.stem,
-)
-def test_tutorial_is_saved_without_outputs(path: Path) -> None:
-    for cell in _read(path).cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, path.name
+def _kinds(notebook) -> list[list[str]]:
+    """For each code cell, the kinds of its outputs (stream name or MIME types)."""
+    kinds = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kinds.append(
+            [
+                output.get("name", "")
+                if output.output_type == "stream"
+                else ",".join(sorted(output.get("data", {})))
+                for output in cell.outputs
+                if output.output_type != "stream" or output.get("name") == "stdout"
+            ]
+        )
+    return kinds
 
 
-@pytest.mark.parametrize("name", sorted(STORED_WITH_OUTPUTS))
-def test_tutorial_is_stored_with_small_outputs_and_no_errors(name: str) -> None:
-    import base64
-
-    outputs = [o for c in _read(TUTORIALS / name).cells if c.cell_type == "code" for o in c.outputs]
-    pngs = [
-        base64.b64decode(o["data"]["image/png"])
-        for o in outputs
-        if "image/png" in o.get("data", {})
+def _images(notebook) -> list[bytes]:
+    return [
+        base64.b64decode(output["data"]["image/png"])
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
     ]
-    assert pngs and all(len(png) < MAX_STORED_PNG_BYTES for png in pngs)
-    assert not any(o.output_type == "error" for o in outputs)
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_tutorial_is_saved_with_its_outputs_and_small_figures(path: Path) -> None:
+    notebook = _read(path)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code), "run regenerate_outputs.py"
+    assert not any(o.output_type == "error" for cell in code for o in cell.outputs)
+    images = _images(notebook)
+    assert images, "the stored notebook shows no figure"
+    for image in images:
+        width, height = struct.unpack(">II", image[16:24])
+        assert width <= 1200 and height <= 1200 and len(image) < 100_000  # dpi 72
+    assert path.stat().st_size < 500_000
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_runs_offline(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nbclient import NotebookClient
@@ -83,3 +100,5 @@ def test_tutorial_runs_offline(path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         if output.output_type == "error"
     ]
     assert errors == []
+    # The stored outputs are what the notebook produces today (tutorials/regenerate_outputs.py).
+    assert _kinds(notebook) == _kinds(_read(path))

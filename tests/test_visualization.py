@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +27,8 @@ from captum_gim.visualization import (
     plot_token_heatmap,
     plot_token_matrix,
     save_figure,
+    token_html,
+    write_token_html,
 )
 
 TOKENS = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis", "ĠParis", "."]
@@ -91,14 +96,31 @@ def _pixel_in_box(fig: Figure, index: int) -> np.ndarray:
     return pixels[row, column]
 
 
-def test_positive_token_is_red_negative_blue_and_zero_neutral() -> None:
+def test_positive_token_is_green_negative_red_and_zero_neutral() -> None:
     # "." draws only near the baseline, so the top of each box is pure fill colour.
     fig = plot_token_heatmap([".", ".", "."], [0.5, 0.0, -0.5], max_abs=1.0)
     positive, zero, negative = (_pixel_in_box(fig, i) for i in range(3))
-    assert positive[0] > positive[2] + 0.3
-    assert negative[2] > negative[0] + 0.3
+    assert positive[1] > positive[0] + 0.2 and positive[1] > positive[2] + 0.2
+    assert negative[0] > negative[1] + 0.3 and negative[0] > negative[2] + 0.3
     assert (zero > 0.9).all()
-    assert abs(zero[0] - zero[2]) < 0.05
+
+
+def test_colours_match_captums_visualize_text_and_plot_token_attr() -> None:
+    from captum.attr._utils.visualization import _get_color
+
+    # visualize_text: positive scores get hue 120 (green), negative hue 0 (red).
+    assert _get_color(0.5).startswith("hsl(120,") and _get_color(-0.5).startswith("hsl(0,")
+    scores = [0.5, 0.0, -0.5]
+    result = LLMAttributionResult(
+        input_tokens=["a", "b", "c"], output_tokens=["x"], seq_attr=scores, token_attr=[scores]
+    )
+    captum_fig, ax = result.plot_token_attr(show=False)
+    image = ax.images[0]
+    ours = plot_token_heatmap([".", ".", "."], scores, max_abs=0.5)
+    for index, value in enumerate(scores):
+        theirs = np.asarray(image.cmap(image.norm(value)))[:3]
+        np.testing.assert_allclose(_pixel_in_box(ours, index), theirs, atol=0.02)
+    plt.close(captum_fig)
 
 
 def test_max_abs_sets_a_symmetric_colour_scale() -> None:
@@ -262,3 +284,54 @@ def test_bad_tokens_and_values_are_rejected() -> None:
         plot_methods_side_by_side(TOKENS, {})
     with pytest.raises(ValueError, match="max_abs must be positive"):
         plot_token_heatmap(TOKENS, VALUES, max_abs=0.0)
+
+
+# --------------------------------------------------------------------------- HTML pages
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (apt-get install -y chromium); "
+    "the HTML page is checked in a real browser",
+)
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_token_page_holds_every_token_as_text_with_its_value() -> None:
+    tokens = ["The", "Ġcapital", " <of>", "\n", "Paris"]
+    page = token_html(tokens, {"Paris": [0.5, -0.25, 0.0, 0.1, 1.0]}, title="GIM")
+    spans = re.findall(
+        r'<span class="tok" style="([^"]*)" title="([^"]*)"[^>]*>([^<]*)</span>', page
+    )
+    assert [html.unescape(text) for _, _, text in spans] == [
+        "The",
+        " capital",
+        " <of>",
+        "⏎",
+        "Paris",
+    ]
+    assert "+0.5" in spans[0][1] and "-0.25" in spans[1][1]  # the value on hover
+    assert "http" not in page and "<script" not in page and "<img" not in page
+
+
+@needs_chromium
+def test_token_page_renders_500_tokens_in_headless_chromium(tmp_path: Path) -> None:
+    tokens = [f" word{i}" for i in range(500)]
+    rows = {"0: ĠParis": np.sin(np.arange(500.0)), "1: Ġis": np.cos(np.arange(500.0))}
+    rows["sum"] = rows["0: ĠParis"] + rows["1: Ġis"]
+    path = write_token_html(tmp_path / "page.html", tokens, rows, title="GIM")
+    dom = _chromium("--dump-dom", path.as_uri()).stdout
+    texts = re.findall(r'<span class="tok"[^>]*>([^<]*)</span>', dom)
+    assert texts == tokens * 3  # one row per target token plus their sum, every token as text
+    shot = tmp_path / "shot.png"
+    _chromium(f"--screenshot={shot}", "--window-size=1000,1400", path.as_uri())
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.std() > 0.1  # not blank
+    green = (pixels[..., 1] > pixels[..., 0] + 0.2).mean()
+    red = (pixels[..., 0] > pixels[..., 1] + 0.2).mean()
+    assert green > 0.02 and red > 0.02  # positive tokens green, negative red

@@ -43,6 +43,12 @@ def checked_forward(forward_func: Callable[..., Any], target: TargetType) -> Cal
         output = forward_func(*args, **kwargs)
         if isinstance(output, Tensor):
             check_target(target, output)
+        elif hasattr(output, "logits") or hasattr(output, "last_hidden_state"):
+            raise TypeError(
+                f"forward_func returned a {type(output).__name__}, not a tensor; return "
+                "the scores to explain, e.g. lambda e: model(inputs_embeds=e).logits[:, -1] "
+                "(or captum_gim.logits_forward(model))."
+            )
         return output
 
     try:  # Captum inspects the signature (a forward without arguments is special)
@@ -135,6 +141,13 @@ def check_target(target: TargetType, output: Tensor) -> None:
         output (Tensor): The output of the forward function, ``batch x ...``.
     """
     shape = tuple(output.shape)
+    if len(shape) == 3 and isinstance(target, int) and not isinstance(target, bool):
+        raise ValueError(
+            f"forward_func returns logits for every token (shape {shape}), so target "
+            f"{target!r} cannot pick one score; select the position to explain, e.g. "
+            "lambda e: model(inputs_embeds=e).logits[:, -1] (or "
+            "captum_gim.logits_forward(model))."
+        )
     if not shape:
         raise TargetError(
             "forward_func returned a single scalar (shape ()); Captum needs one "

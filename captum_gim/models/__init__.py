@@ -124,11 +124,14 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from captum_gim._quiet import quiet_transformers
+
     path = model_path(name)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    with quiet_transformers():  # no weight-loading progress bar for a 1 MB model
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 
 
