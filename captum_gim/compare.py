@@ -17,7 +17,7 @@ import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from captum._utils.typing import TargetType
@@ -25,6 +25,7 @@ from captum.attr import Attribution, LayerAttribution, NeuronAttribution
 from torch import Tensor, nn
 
 from captum_gim.attr.gim import GIMAttribution
+from captum_gim.attr.targets import per_example_targets
 from captum_gim.config import GIMConfig
 from captum_gim.forwards import label_index, logits_forward, task_forward
 from captum_gim.text import format_table, readable_tokens
@@ -342,7 +343,7 @@ def compare(
         if target is None:
             with torch.no_grad():
                 target = forward(input_ids, attention_mask).argmax(dim=-1)
-        targets = list(_target_list(target, input_ids.shape[0]))
+        targets = list(_target_list(cast(TargetType, target), input_ids.shape[0]))
     runs = _named_methods(methods)
     if gim is not False:
         if GIM_NAME in runs:
@@ -494,15 +495,10 @@ def _token_strings(tokens: Any, input_ids: Tensor) -> list[list[str]]:
 
 
 def _target_list(target: TargetType, batch: int) -> list[int]:
-    if isinstance(target, Tensor):
-        values = target.flatten().tolist()
-    elif isinstance(target, int):
-        values = [target]
-    elif isinstance(target, list) and all(isinstance(t, int) for t in target):
-        values = target
-    else:
+    targets = per_example_targets(target, batch)
+    if not all(isinstance(entry, int) for entry in targets):
         raise TypeError(
             f"compare explains a token id; target must be an int, a list of ints or "
             f"a tensor of them, got {target!r}."
         )
-    return values * batch if len(values) == 1 else list(values)
+    return cast(list[int], targets)

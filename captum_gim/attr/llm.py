@@ -85,13 +85,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
         self.config = GIMConfig.resolve(config, settings)
         self.strict = strict
         self.score = score
-        layer_gim = LayerGIM(
-            model,
-            model.get_input_embeddings(),
-            model,
-            config=self.config,
-            strict=strict,  # type: ignore[operator]
-        )
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]
+        layer_gim = LayerGIM(model, embeddings, model, config=self.config, strict=strict)
         super().__init__(layer_gim, tokenizer)
 
     def attribute(  # type: ignore[override]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -73,10 +73,9 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
         weight = _weight_in_use(module, output.device)
         bias = _weight_in_use(module, output.device, "bias")
         if site.kind == "group":
-            groups = getattr(module, "num_groups", x.shape[1])
-            return frozen_group_norm(
-                x, output, weight, int(groups), float(getattr(module, "eps")), bias=bias, verify=verify
-            )
+            groups = int(getattr(module, "num_groups", x.shape[1]))
+            eps = cast(float, module.eps)
+            return frozen_group_norm(x, output, weight, groups, eps, bias=bias, verify=verify)
         form = site.form
         assert form is not None
         weight = weight if form.scale != "none" else None
