@@ -287,6 +287,7 @@ def test_demo_ranks_the_evidence_words_highest(
     assert "charming" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_captum_gim_demo_writes_the_png(tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
     env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
