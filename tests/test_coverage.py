@@ -91,12 +91,19 @@ def _alarm(*_: object) -> None:
     raise TimeoutError(f"building takes over {BUILD_SECONDS} s")
 
 
+# The config fields through which transformers' _init_weights reads the weights' std.
+INIT_STD_NAMES = ("initializer_range", "init_std")
+
+
 def build(family: str, implementation: str) -> nn.Module:
     """The tiny random causal LM of ``family``; raises with the reason it cannot be built."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     config = CONFIG_MAPPING[family]()
     _shrink(config)
+    for name in INIT_STD_NAMES:  # non-trivial random weights: std 0.2, not the pretraining init
+        if hasattr(config, name):
+            setattr(config, name, 0.2)
     torch.manual_seed(0)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(BUILD_SECONDS)
