@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import results
 import torch
 from torch import Tensor, nn
 
@@ -428,21 +429,6 @@ def self_repair_table(rows: list[tuple[str, dict[str, dict[str, float]]]]) -> st
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    r"""Replaces the circuits section of ``path`` (between its markers) or appends it."""
-    if not path.is_file():
-        path.write_text("# Benchmarks\n\n" + section, encoding="utf-8")
-        return
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start == -1 or end < start:
-        separator = "" if text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
-        path.write_text(text + separator + section, encoding="utf-8")
-        return
-    after = text[end + len(END_MARKER) :].removeprefix("\n")
-    path.write_text(text[:start] + section + after, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few examples, temporary output")
@@ -487,7 +473,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"{repair}\n\nMachine: {machine_description()}. The run took "
         f"{(time.perf_counter() - start) / 60:.1f} minutes.\n{END_MARKER}\n"
     )
-    write_section(out, section)
+    results.write_section(out, section)
     print(f"wrote {out}")
     return out
 
