@@ -38,20 +38,27 @@ def test_the_tutorials_are_there() -> None:
 
 
 def _kinds(notebook) -> list[list[str]]:
-    """For each code cell, the kinds of its outputs (stream name or MIME types)."""
+    """For each code cell, the kinds of its outputs (stream name or MIME types).
+
+    Consecutive stdout chunks count as one: the kernel splits or merges printed
+    text by timing, not by what the cell prints.
+    """
     kinds = []
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
-        kinds.append(
-            [
-                output.get("name", "")
+        cell_kinds: list[str] = []
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.get("name") != "stdout":
+                continue
+            kind = (
+                "stdout"
                 if output.output_type == "stream"
                 else ",".join(sorted(output.get("data", {})))
-                for output in cell.outputs
-                if output.output_type != "stream" or output.get("name") == "stdout"
-            ]
-        )
+            )
+            if not (kind == "stdout" and cell_kinds[-1:] == ["stdout"]):
+                cell_kinds.append(kind)
+        kinds.append(cell_kinds)
     return kinds
 
 
