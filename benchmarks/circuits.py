@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -357,25 +356,6 @@ def _head_patch(layer: int, head: int, value: Tensor, parts: Any) -> Callable[..
 # ---------------------------------------------------------------------- report
 
 
-def machine_description() -> str:
-    r"""CPU model, core count and library versions."""
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} cores (CPU only, shared), {torch.get_num_threads()} torch "
-        f"thread(s); torch {torch.__version__}, transformers {transformers.__version__}"
-    )
-
-
 def correlation_table(rows: list[tuple[str, CircuitResult, dict[str, CircuitResult]]]) -> str:
     lines = [
         "| model | method | heads r | heads rho | MLPs r | MLPs rho | residual r | residual rho "
@@ -470,7 +450,7 @@ def main(argv: list[str] | None = None) -> Path:
         "Correlation of the true effect of each head's ablation with the estimate from the "
         "plain softmax gradient and from GIM's tempered softmax backward (T = 2) at that head; "
         "last query for the causal models, every query for MiniLM.\n\n"
-        f"{repair}\n\nMachine: {machine_description()}. The run took "
+        f"{repair}\n\nMachine: {results.machine_description(shared=True)}. The run took "
         f"{(time.perf_counter() - start) / 60:.1f} minutes.\n{END_MARKER}\n"
     )
     results.write_section(out, section)

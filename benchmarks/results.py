@@ -8,6 +8,8 @@ appends it) and keeps the rest of the file as it was.
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -63,3 +65,33 @@ def write_section(path: Path, section: str) -> None:
         return
     after = text[last + len(end) :].removeprefix("\n")
     path.write_text(text[:first] + section + after, encoding="utf-8")
+
+
+def machine_description(shared: bool = False) -> str:
+    r"""
+    Args:
+        shared (bool, optional): Say that other jobs shared the CPU during the run.
+                    Default: False
+
+    Returns:
+        *str*: the CPU model, core count and library versions of this machine.
+    """
+    import captum
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return (
+        f"{cpu}, {os.cpu_count()} cores (CPU only{', shared' if shared else ''}), "
+        f"{torch.get_num_threads()} torch thread(s); Python {platform.python_version()}, "
+        f"torch {torch.__version__}, captum {captum.__version__}, "
+        f"transformers {transformers.__version__}"
+    )

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import captum
 import numpy as np
-import torch
-import transformers
-from results import markers
+from results import machine_description, markers
 
 from faithfulness_study.evaluation import DeepLiftCheck, Summary, mean_and_error
 from faithfulness_study.methods import REFERENCE_METHOD, RunSettings
@@ -137,24 +132,6 @@ def self_repair_finding(records: Sequence[SelfRepairRecord], rows: Sequence[Self
             "is removed."
         )
     return "\n".join(f"- {s}" for s in sentences)
-
-
-def machine_description() -> str:
-    r"""CPU model, core count and library versions of this machine."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} cores (CPU only), {torch.get_num_threads()} torch "
-        f"thread(s); Python {platform.python_version()}, torch {torch.__version__}, "
-        f"captum {captum.__version__}, transformers {transformers.__version__}"
-    )
 
 
 @dataclass
