@@ -98,13 +98,6 @@ class _CustomNorm(nn.Module):
         return x / x.abs().amax(dim=-1, keepdim=True)
 
 
-class _CustomAttention(nn.Module):
-    """Attention of its own (not nn.MultiheadAttention, which is supported)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
-
-
 class _GatedMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -119,7 +112,6 @@ class _GatedMLP(nn.Module):
     ("part", "message"),
     [
         (_CustomNorm(), "normalization layer of unknown form"),
-        (_CustomAttention(), "without transformers' AttentionInterface"),
         (_GatedMLP(), "looks like a gated MLP, but its gate, up and down parts"),
     ],
 )

@@ -49,7 +49,7 @@ class _FrozenNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, y if verify is not None else None)
         ctx.eps, ctx.center, ctx.sum_square = eps, center, sum_square
         ctx.weight_offset, ctx.n_dims, ctx.verify = weight_offset, n_dims, verify
-        return y.view_as(y)
+        return y.clone()  # not a view: models may modify the output in place (XLM)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -184,7 +184,7 @@ class _FrozenGroupNorm(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, weight, bias, y if verify is not None else None)
         ctx.groups, ctx.eps, ctx.verify = groups, eps, verify
-        return y.view_as(y)
+        return y.clone()  # not a view: models may modify the output in place (XLM)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:

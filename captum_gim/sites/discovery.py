@@ -3,10 +3,11 @@
 The rule mathematics lives in :mod:`captum_gim.rules`; this module only
 recognises the places, by what they compute and how they are built rather than
 by class name: norms are probed (:mod:`~captum_gim.sites.norms`), gated MLPs
-are recognised by their parts (:mod:`~captum_gim.sites.gated_mlp`), and every
+are recognised by their parts (:mod:`~captum_gim.sites.gated_mlp`), every
 attention module that calls transformers' AttentionInterface is routed
-generically. Anything that looks like one of these places but is not
-recognised is reported by :func:`find_rule_sites`.
+generically, and the innermost other modules named attention are traced op by
+op during the call (:mod:`~captum_gim.sites.traced_attention`). Anything
+that looks like one of these places but is not recognised is reported by :func:`find_rule_sites`.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class RuleSites:
     torch_attentions: list[tuple[str, nn.MultiheadAttention]] = field(default_factory=list)
     #: nn.TransformerEncoder modules, whose nested-tensor fast path is switched off.
     torch_encoders: list[nn.TransformerEncoder] = field(default_factory=list)
+    #: Attention modules that compute attention with torch ops, outside
+    #: transformers' AttentionInterface (sites/traced_attention.py).
+    traced_attentions: list[tuple[str, nn.Module]] = field(default_factory=list)
+    #: Whether a traced attention that is not recognised raises (or warns).
+    strict: bool = True
 
 
 def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
@@ -95,11 +101,12 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     Returns:
         *RuleSites*: the places where the rules apply.
     """
-    sites = RuleSites()
+    sites = RuleSites(strict=strict)
     problems: list[str] = []
     modules = list(model.named_modules())
     routed = {name for name, module in modules if _routes_attention(module)}
     covered = routed | {n for n, m in modules if isinstance(m, nn.MultiheadAttention)}
+    attention_like = {n for n, m in modules if _looks_like_attention(m)}
     for name, module in modules:
         label = name or "<model>"
         norm = _norm_site(label, module)
@@ -126,12 +133,8 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                     "attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation('sdpa')"
                 )
-        elif _looks_like_attention(module) and not _contains_any(name, covered):
-            problems.append(
-                f"'{label}' ({type(module).__name__}) computes attention without "
-                "transformers' AttentionInterface, so the softmax and q/k/v rules "
-                "cannot reach it"
-            )
+        elif name in attention_like and not _contains_any(name, covered | attention_like):
+            sites.traced_attentions.append((label, module))
         mlp = _gated_mlp_site(label, module)
         if mlp is not None:
             sites.gated_mlps.append(mlp)

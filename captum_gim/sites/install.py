@@ -20,6 +20,7 @@ from captum_gim.sites.discovery import (
 )
 from captum_gim.sites.gated_mlp import verify_product
 from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
+from captum_gim.sites.traced_attention import install_traced_attention
 
 
 def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig) -> None:
@@ -43,6 +44,8 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
             stack.enter_context(route_attention(attention, config))
         for name, torch_attention in sites.torch_attentions:
             install_torch_attention(stack, name, torch_attention, config)
+        for name, traced in sites.traced_attentions:
+            install_traced_attention(stack, name, traced, config, sites.strict)
         disable_nested_fast_path(stack, sites.torch_encoders)
 
 
