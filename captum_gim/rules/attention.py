@@ -3,14 +3,17 @@ softmax backward, without materialising the whole probability matrix."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
 from captum_gim.rules.precision import rule_dtype
 
 # Largest number of float32 score entries (batch x heads x query block x keys)
-# that the blockwise backward materialises at once.
-BACKWARD_BLOCK_ELEMENTS = 1 << 20
+# that the blockwise backward materialises at once; measured best on a 2-core
+# CPU at 1024-8192 tokens (benchmarks/long_prompts.py).
+BACKWARD_BLOCK_ELEMENTS = 1 << 19
 
 
 def blockwise_attention_backward(
@@ -31,7 +34,11 @@ def blockwise_attention_backward(
 
     The query heads that share a key/value head are processed together, so
     grouped-query attention needs no repeated keys and values. With ``causal``,
-    each block reads only the keys its queries can see.
+    each block reads only the keys its queries can see, so blocks above the
+    diagonal cost nothing. For ``temperature`` 1 and 2 one softmax per block
+    suffices: at ``T = 2`` the probabilities are
+    ``p = p_T ** 2 / sum(p_T ** 2)`` (exact: ``p_T`` is proportional to
+    ``exp(s / 2)``); other temperatures compute both softmaxes.
 
     Args:
         query (Tensor): ``batch x heads x queries x head_dim``.
@@ -55,50 +62,96 @@ def blockwise_attention_backward(
     kv_heads, n_rep = key.shape[1], heads // key.shape[1]
     n_keys = min(key.shape[2], n_queries) if causal else key.shape[2]
     dtype = rule_dtype(query)
-    # Layout: (batch * kv_heads, n_rep, queries, dim); a block's rows of all the
-    # query heads of one kv head are flattened into one matrix.
-    q = query.to(dtype).reshape(batch * kv_heads, n_rep, n_queries, head_dim)
-    grad_out = grad_output.to(dtype).reshape(batch * kv_heads, n_rep, n_queries, -1)
-    k = key[:, :, :n_keys].to(dtype).reshape(batch * kv_heads, n_keys, head_dim)
-    v = value[:, :, :n_keys].to(dtype).reshape(batch * kv_heads, n_keys, -1)
-    if mask is not None:
-        mask = _group_heads(mask[..., :n_keys], kv_heads, n_rep)
+    # The block's scores are those of the first softmax: s / T when one softmax
+    # gives both p and p_T (T = 1 or 2), else s.
+    score_t = temperature if temperature in (1.0, 2.0) else 1.0
+    # Layout: (batch, kv_heads, n_rep, queries, dim). One block holds some query
+    # rows of the n_rep query heads of one kv head, flattened into one matrix.
+    # Keys and values are kept transposed (dim x keys), and so are their
+    # gradients, so every product of a block is a plain row-major matrix product.
+    q = (query.to(dtype) * (scaling / score_t)).view(batch, kv_heads, n_rep, n_queries, -1)
+    grad_out = grad_output.to(dtype).reshape(batch, kv_heads, n_rep, n_queries, -1)
+    k = key[:, :, :n_keys].to(dtype)
+    k_t = k.mT.contiguous()
+    v_t = value[:, :, :n_keys].to(dtype).mT.contiguous()
+    grouped_mask = None if mask is None else _group_heads(mask[..., :n_keys], kv_heads, n_rep)
     grad_q = torch.empty_like(q)
-    grad_k = torch.zeros_like(k)
-    grad_v = torch.zeros_like(v)
-    rows_per_block = max(1, block_elements // max(1, batch * heads * n_keys))
-    for start in range(0, n_queries, rows_per_block):
-        end = min(start + rows_per_block, n_queries)
-        visible = min(end, n_keys) if causal else n_keys
-        if visible == 0:
-            grad_q[:, :, start:end] = 0
-            continue
-        q_block = q[:, :, start:end].reshape(batch * kv_heads, -1, head_dim)
-        out_block = grad_out[:, :, start:end].reshape(batch * kv_heads, q_block.shape[1], -1)
-        keys, values = k[:, :visible], v[:, :visible]
-        scores = torch.bmm(q_block, keys.transpose(1, 2)).mul_(scaling)
-        blocked = scores.view(batch, kv_heads, n_rep, end - start, visible)
-        if causal and visible > start:
-            _mask_future_keys(blocked, start, visible)
-        if mask is not None and mask.dtype == torch.bool:
-            blocked.masked_fill_(~mask[..., start:end, :visible], float("-inf"))
-        elif mask is not None:
-            blocked.add_(mask[..., start:end, :visible])
-        probs = torch.softmax(scores, dim=-1)
-        tempered = probs if temperature == 1.0 else torch.softmax(scores.div_(temperature), -1)
-        if mask is not None:  # rows whose keys are all masked
-            probs.nan_to_num_(0.0)
-            tempered.nan_to_num_(0.0)
-        grad_v[:, :visible] += torch.bmm(probs.transpose(1, 2), out_block)
-        grad_scores = torch.bmm(out_block, values.transpose(1, 2))
-        inner = (grad_scores * tempered).sum(dim=-1, keepdim=True)
-        grad_scores.sub_(inner).mul_(tempered)
-        grad_q_block = torch.bmm(grad_scores, keys).mul_(scaling)
-        grad_q[:, :, start:end] = grad_q_block.view(batch * kv_heads, n_rep, end - start, -1)
-        grad_k[:, :visible] += torch.bmm(grad_scores.transpose(1, 2), q_block).mul_(scaling)
-    grad_k = _restore_layout(grad_k, batch, key)
-    grad_v = _restore_layout(grad_v, batch, value)
+    grad_k_t = torch.zeros_like(k_t)
+    grad_v_t = torch.zeros_like(v_t)
+    rows_per_block = max(1, block_elements // max(1, n_rep * n_keys))
+    future = torch.ones(rows_per_block, rows_per_block, dtype=torch.bool, device=q.device)
+    future = future.triu_(1)
+    for b, h in itertools.product(range(batch), range(kv_heads)):
+        group_mask = None
+        if grouped_mask is not None:
+            group_mask = grouped_mask[min(b, grouped_mask.shape[0] - 1)]
+            group_mask = group_mask[min(h, group_mask.shape[0] - 1)]
+        for start in range(0, n_queries, rows_per_block):
+            end = min(start + rows_per_block, n_queries)
+            visible = min(end, n_keys) if causal else n_keys
+            if visible == 0:
+                grad_q[b, h, :, start:end] = 0
+                continue
+            q_block = q[b, h, :, start:end].reshape(-1, head_dim)
+            out_block = grad_out[b, h, :, start:end].reshape(q_block.shape[0], -1)
+            scores = torch.mm(q_block, k_t[b, h, :, :visible])
+            blocked = scores.view(n_rep, end - start, visible)
+            if causal and visible > start:
+                diagonal = blocked[..., start:visible]
+                diagonal.masked_fill_(future[: end - start, : visible - start], float("-inf"))
+            if group_mask is not None:
+                block_mask = _block_rows(group_mask, start, end)[..., :visible]
+                if block_mask.dtype == torch.bool:
+                    blocked.masked_fill_(~block_mask, float("-inf"))
+                else:
+                    blocked.add_(block_mask, alpha=1.0 / score_t)
+            tempered, probs, weight = _block_softmaxes(
+                scores, out_block, temperature, group_mask is not None
+            )
+            grad_v_t[b, h, :, :visible].addmm_(weight.T, probs)
+            del probs
+            grad_scores = torch.mm(out_block, v_t[b, h, :, :visible])
+            inner = torch.linalg.vecdot(grad_scores, tempered).unsqueeze_(-1)
+            grad_scores.sub_(inner).mul_(tempered)
+            del tempered
+            grad_q_block = torch.mm(grad_scores, k[b, h, :visible]).mul_(scaling)
+            grad_q[b, h, :, start:end] = grad_q_block.view(n_rep, end - start, -1)
+            grad_k_t[b, h, :, :visible].addmm_(q_block.T, grad_scores, alpha=score_t)
+    grad_k = _restore_layout(grad_k_t.mT, key)
+    grad_v = _restore_layout(grad_v_t.mT, value)
     return grad_q.view(query.shape).to(query.dtype), grad_k, grad_v
+
+
+def _block_rows(mask: Tensor, start: int, end: int) -> Tensor:
+    """The rows ``start:end`` of a ``... x queries x keys`` mask whose query
+    dimension may be 1 (broadcast)."""
+    return mask if mask.shape[-2] == 1 else mask[..., start:end, :]
+
+
+def _block_softmaxes(
+    scores: Tensor, grad_out: Tensor, temperature: float, masked: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``p_T``, and ``p`` with the rows of ``grad_out`` that multiply it, such that
+    ``weight^T p`` is the value gradient ``grad_out^T softmax(s)``.
+
+    ``scores`` holds ``s / T`` for ``T`` in (1, 2) and ``s`` otherwise (then it
+    is overwritten). Rows whose keys are all masked get zeros.
+    """
+    first = torch.softmax(scores, dim=-1)
+    if masked:
+        first.nan_to_num_(0.0)
+    if temperature == 1.0:
+        return first, first, grad_out
+    if temperature == 2.0:
+        # p = p_T^2 / sum(p_T^2); the row normaliser moves onto grad_out.
+        squared = first * first
+        norm = squared.sum(dim=-1, keepdim=True)
+        norm.masked_fill_(norm == 0, 1.0)
+        return first, squared, grad_out / norm
+    tempered = torch.softmax(scores.div_(temperature), dim=-1)
+    if masked:
+        tempered.nan_to_num_(0.0)
+    return tempered, first, grad_out
 
 
 def sdpa_attention_backward(
@@ -162,17 +215,6 @@ def sdpa_attention_backward(
     return tuple(grad.nan_to_num_(0.0) for grad in grads)  # type: ignore[return-value]
 
 
-def _mask_future_keys(scores: Tensor, start: int, visible: int) -> None:
-    """Sets scores of keys after each query (upper-left causal) to -inf, in place.
-
-    ``scores`` holds the rows of queries ``start, start + 1, ...`` and the keys
-    ``0 .. visible - 1``; only keys from ``start`` on can lie in the future.
-    """
-    diagonal = scores[..., start:visible]
-    future = torch.ones(diagonal.shape[-2:], dtype=torch.bool, device=scores.device)
-    diagonal.masked_fill_(future.triu_(1), float("-inf"))
-
-
 def _group_heads(mask: Tensor, kv_heads: int, n_rep: int) -> Tensor:
     """Views a ``batch x heads x queries x keys`` mask (heads may be 1) as
     ``batch x kv_heads x n_rep x queries x keys`` without copying."""
@@ -183,9 +225,8 @@ def _group_heads(mask: Tensor, kv_heads: int, n_rep: int) -> Tensor:
     return mask.view(mask.shape[0], kv_heads, n_rep, *mask.shape[2:])
 
 
-def _restore_layout(grad: Tensor, batch: int, like: Tensor) -> Tensor:
-    """``(batch * kv_heads) x keys x dim`` back to ``like``, padding keys cut by causality."""
-    grad = grad.view(batch, like.shape[1], grad.shape[1], grad.shape[2])
+def _restore_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """A gradient of ``like`` whose keys were cut by causality, padded back."""
     if grad.shape[2] < like.shape[2]:
         grad = nn.functional.pad(grad, (0, 0, 0, like.shape[2] - grad.shape[2]))
-    return grad.to(like.dtype)
+    return grad.to(like.dtype, memory_format=torch.contiguous_format)
