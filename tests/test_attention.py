@@ -127,3 +127,58 @@ def test_gim_attention_refuses_modules_outside_gim_rules() -> None:
     q, k, v, _ = _qkv()
     with pytest.raises(RuntimeError, match=r"outside of captum_gim\.gim_rules"):
         gim_attention_forward(_Attention(), q, k, v, None)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("block_elements", [1, 40, 1 << 19])
+def test_blockwise_backward_with_gqa_padding_and_fully_masked_rows(
+    temperature, block_elements
+) -> None:
+    # T = 2 takes p from p_T squared, T = 3 the two-softmax fallback; small blocks
+    # cut the causal diagonal and give blocks that see no key at all.
+    q, k, v, g = _qkv(batch=2, heads=6, kv_heads=2, queries=11, keys=11)
+    mask = _causal(11, 11).expand(2, 1, 11, 11).clone()
+    mask[1, :, :, :4] = False  # left padding: rows 0-3 of example 1 see no key
+    want = _reference_grads(q, k, v, mask, g, 0.3, temperature)
+    got = blockwise_attention_backward(
+        q,
+        k,
+        v,
+        mask,
+        g,
+        scaling=0.3,
+        causal=False,
+        temperature=temperature,
+        block_elements=block_elements,
+    )
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, msg=f"grad of {name}")
+    assert torch.all(got[0][1, :, :4] == 0)
+
+
+@pytest.mark.parametrize("block_elements", [30, 1 << 19])
+def test_causal_block_skipping_equals_reference_at_float32(block_elements) -> None:
+    # float32 and a long enough causal prompt that whole blocks lie above the diagonal.
+    q, k, v, g = (t.float() for t in _qkv(batch=1, heads=4, kv_heads=4, queries=64, keys=64))
+    want = _reference_grads(
+        q.double(), k.double(), v.double(), _causal(64, 64), g.double(), 0.3, 2.0
+    )
+    got = blockwise_attention_backward(
+        q, k, v, None, g, scaling=0.3, causal=True, temperature=2.0, block_elements=block_elements
+    )
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == torch.float32
+        error = torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b)
+        assert error <= 1e-5, f"grad of {name}: relative L2 error {error:.2e}"
+
+
+def test_blockwise_backward_broadcasts_a_one_row_padding_mask() -> None:
+    q, k, v, g = _qkv()
+    padding = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    padding[0, ..., :2] = False
+    want = _reference_grads(q, k, v, padding, g, 0.3, 2.0)
+    got = blockwise_attention_backward(
+        q, k, v, padding, g, scaling=0.3, causal=False, temperature=2.0, block_elements=64
+    )
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, msg=f"grad of {name}")
