@@ -11,6 +11,12 @@ is unchanged plus a surrogate whose autograd derivative is the rule:
 Attention is re-implemented in plain tensor code, routed through a test-only
 attention implementation name whose masks are transformers' eager masks, and the
 mixture-of-experts layers are recomputed token by token.
+
+Each norm's formula comes from the table ``NORM_FORMULAS`` (written from the
+transformers sources, by class name) or, for PyTorch's own classes, from its
+type. Every surrogate checks that its forward value is the module's output: a
+part the reference does not know raises :class:`ReferenceGap` instead of giving
+a wrong reference.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from captum_gim import GIMConfig
 
 REFERENCE = "gim_test_reference"
-_GEMMA_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 _active: list[GIMConfig] = []
+
+
+class ReferenceGap(Exception):
+    """The model has a part the reference does not implement."""
 
 
 def scaled(x: Tensor, scale: float) -> Tensor:
@@ -43,9 +52,12 @@ def reference_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     softcap: float | None = None,
+    position_bias: Tensor | None = None,
     **kwargs: object,
 ) -> tuple[Tensor, Tensor]:
     config = _active[-1]
+    if dropout and module.training:
+        raise ReferenceGap("attention dropout in training mode")
     query = scaled(query, config.q_scale)
     key = scaled(key, config.k_scale)
     value = scaled(value, config.v_scale)
@@ -56,22 +68,21 @@ def reference_attention(
     scores = (query @ key.transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if position_bias is not None:  # T5's relative position bias
+        scores = scores + position_bias
     if attention_mask is not None:
-        scores = scores + attention_mask
-    wide = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    probs = torch.softmax(wide, dim=-1)
-    temperature = config.temperature or 1.0
-    if temperature != 1.0 and not isinstance(getattr(module, "sinks", None), Tensor):
-        tempered = torch.softmax(wide / temperature, dim=-1)
-        probs = probs.detach() + temperature * (tempered - tempered.detach())
+        scores = scores + attention_mask[..., : key.shape[-2]]
     sinks = getattr(module, "sinks", None)
     if isinstance(sinks, Tensor):  # gpt-oss: one extra logit per head, dropped after softmax
         column = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        wide = torch.cat([scores, column], dim=-1).to(wide.dtype)
-        probs = torch.softmax(wide, dim=-1)
-        if temperature != 1.0:
-            tempered = torch.softmax(wide / temperature, dim=-1)
-            probs = probs.detach() + temperature * (tempered - tempered.detach())
+        scores = torch.cat([scores, column.to(scores.dtype)], dim=-1)
+    wide = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    probs = torch.softmax(wide, dim=-1)
+    temperature = config.temperature or 1.0
+    if temperature != 1.0:
+        tempered = torch.softmax(wide / temperature, dim=-1)
+        probs = probs.detach() + temperature * (tempered - tempered.detach())
+    if isinstance(sinks, Tensor):
         probs = probs[..., :-1]
     output = probs.to(value.dtype) @ value
     return output.transpose(1, 2).contiguous(), probs
@@ -81,42 +92,171 @@ ALL_ATTENTION_FUNCTIONS.register(REFERENCE, reference_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(REFERENCE, eager_mask)
 
 
-def _norm_surrogate(module: nn.Module, x: Tensor) -> Tensor | None:
+# Norm formulas, y = scale * (x - c * mean(x)) / rho(x) + b, with the statistic rho frozen.
+def layer_norm(x: Tensor, eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps), var the biased variance."""
+    centered = x - x.mean(-1, keepdim=True)
+    return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + eps).detach()
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x ** 2) + eps)."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach()
+
+
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(sum(x ** 2) + eps)."""
+    return x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps).detach()
+
+
+#: (statistic, scale) of a norm class: scale "w", "1+w" or "none"; a bias is
+#: added wherever the module has one.
+NORM_FORMULAS: dict[str, tuple[Callable[[Tensor, float], Tensor], str]] = {
+    "NemotronLayerNorm1P": (layer_norm, "1+w"),  # an nn.LayerNorm subclass
+    "T5LayerNorm": (rms_norm, "w"),  # not centred, despite its name
+    "CpmAntLayerNorm": (rms_norm, "w"),
+    "Llama4TextL2Norm": (rms_norm, "none"),  # the mean, not the sum, of squares
+    **{
+        f"{family}RMSNorm": (rms_norm, "1+w")
+        for family in (
+            "Gemma",
+            "Gemma2",
+            "Gemma3",
+            "RecurrentGemma",
+            "T5Gemma",
+            "T5Gemma2",
+            "VaultGemma",
+            "Qwen3Next",
+            "Qwen3_5",
+            "Qwen3_5Moe",
+            "Qwen4ExpText",
+            "MiniMaxM3VL",
+            "Step3p7",
+        )
+    },
+}
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "variance_eps")
+#: Norms whose eps is a constant in their forward, not an attribute.
+_FIXED_EPS = {"OlmoLayerNorm": 1e-5}
+
+
+def norm_formula(module: nn.Module) -> tuple[Callable[[Tensor, float], Tensor], str] | None:
+    """The reference's formula for a norm module, or None when it is not a norm."""
     name = type(module).__name__
-    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-    if isinstance(module, nn.LayerNorm):
-        centered = x32 - x32.mean(-1, keepdim=True)
-        sigma = torch.sqrt(x32.var(-1, unbiased=False, keepdim=True) + module.eps)
-        y = centered / sigma.detach()
-        if module.weight is not None:  # Nemotron's LayerNorm1P scales by (1 + w)
-            offset = 1.0 if name == "NemotronLayerNorm1P" else 0.0
-            y = y * (module.weight + offset) + module.bias
-        return y.to(x.dtype)
+    if name in NORM_FORMULAS:
+        return NORM_FORMULAS[name]
+    has_weight = isinstance(getattr(module, "weight", None), Tensor)
+    if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
+        return layer_norm, "w" if has_weight else "none"
     if isinstance(module, nn.RMSNorm) or name.endswith("RMSNorm"):
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None)) or 1e-6
-        rho = torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        weight = module.weight.float() + (1.0 if name in _GEMMA_NORMS else 0.0)
-        return (weight * x32 / rho.detach()).to(x.dtype)
+        return rms_norm, "w" if has_weight else "none"
+    if name.endswith("L2Norm"):
+        return l2_norm, "w" if has_weight else "none"
     return None
 
 
-def _experts_surrogate(
-    module: nn.Module, config: GIMConfig, hidden: Tensor, index: Tensor, weights: Tensor
+def _eps(module: nn.Module) -> float:
+    if type(module).__name__ in _FIXED_EPS:
+        return _FIXED_EPS[type(module).__name__]
+    for attribute in _EPS_NAMES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, float):
+            return value
+    if isinstance(module, nn.RMSNorm):  # eps=None: the dtype's machine epsilon
+        return torch.finfo(torch.float32).eps
+    raise ReferenceGap(f"{type(module).__name__} has no eps attribute")
+
+
+def _norm_surrogate(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+    formula = norm_formula(module)
+    assert formula is not None
+    statistic, scale = formula
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = statistic(x32, _eps(module))
+    if scale != "none":
+        y = y * (module.weight.float() + (1.0 if scale == "1+w" else 0.0))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        y = y + bias.float()
+    y = y.to(output.dtype)
+    _check(module, y, output)
+    return y
+
+
+def _check(module: nn.Module, value: Tensor, output: Tensor) -> None:
+    tolerance = 1e-5 if output.dtype == torch.float32 else 1e-2
+    deviation = float((value.detach() - output.detach()).abs().max())
+    if deviation > tolerance * (1.0 + float(output.detach().abs().max())):
+        raise ReferenceGap(f"the reference's {type(module).__name__} is off by {deviation:.3g}")
+
+
+def _experts_surrogate(module: nn.Module, config: GIMConfig, output: Tensor, args: tuple) -> Tensor:
+    """Mixture-of-experts weights [experts, 2 * inner, hidden] and [experts, hidden, inner]."""
+    try:
+        return _experts_by_token(module, config, output, *args)
+    except (AttributeError, TypeError, IndexError, RuntimeError) as error:
+        raise ReferenceGap(f"{type(module).__name__} has another layout: {error}") from None
+
+
+def _experts_by_token(
+    module: nn.Module,
+    config: GIMConfig,
+    output: Tensor,
+    hidden: Tensor,
+    index: Tensor,
+    weights: Tensor,
 ) -> Tensor:
-    output = torch.zeros_like(hidden)
+    result = torch.zeros_like(hidden)
     for token in range(hidden.shape[0]):
         for slot in range(index.shape[1]):
             expert = int(index[token, slot])
+            if expert >= module.gate_up_proj.shape[0]:  # a slot routed to no expert
+                continue
             gate, up = (module.gate_up_proj[expert] @ hidden[token]).chunk(2)
             inner = module.act_fn(scaled(gate, config.gate_scale)) * scaled(up, config.up_scale)
             contribution = (module.down_proj[expert] @ inner) * weights[token, slot]
-            output = output.index_add(0, torch.tensor([token]), contribution[None])
-    return output
+            result = result.index_add(0, torch.tensor([token]), contribution[None])
+    _check(module, result, output)
+    return result
+
+
+def _fused_hook(config: GIMConfig) -> Callable[..., Tensor]:
+    """Gate and up as the first and second half of one projection (Phi-3, ModernBERT)."""
+
+    def hook(_: nn.Module, __: tuple, out: Tensor) -> Tensor:
+        gate, up = out.chunk(2, dim=-1)
+        return torch.cat([scaled(gate, config.gate_scale), scaled(up, config.up_scale)], -1)
+
+    return hook
+
+
+#: Gated MLPs ``act(gate(x)) * up(x)`` whose gate and up projections are named
+#: children: (gate, up).
+_SEPARATE = (("gate_proj", "up_proj"), ("wi_0", "wi_1"), ("w1", "w3"))
+#: Gated MLPs with one projection whose first half is the gate, by class name
+#: (besides any module with an nn.Linear ``gate_up_proj``, as Phi-3 and GLM).
+_FUSED = {
+    "ModernBertMLP": "Wi",
+    "ModernBertDecoderMLP": "Wi",
+    "MoshiGatingMLP": "fc1",
+    "JetMoeMoE": "input_linear",
+}
+
+
+def _fused_projection(module: nn.Module) -> nn.Module | None:
+    name = _FUSED.get(type(module).__name__)
+    if name is not None:
+        return getattr(module, name)
+    fused = getattr(module, "gate_up_proj", None)
+    return fused if isinstance(fused, nn.Linear) else None
 
 
 @contextlib.contextmanager
 def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
-    """Applies the reference rules to every forward pass through model."""
+    """Applies the reference rules to every forward pass through model.
+
+    Raises ReferenceGap for a module named like a norm that has no formula here.
+    """
     handles = []
 
     def add(module: nn.Module, hook: Callable) -> None:
@@ -124,32 +264,35 @@ def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
 
     for module in model.modules():
         name = type(module).__name__
-        is_norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith("RMSNorm")
-        if config.freeze_norm and is_norm:
-            add(module, lambda m, args, out: _norm_surrogate(m, args[0]))
-        if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
-            add(module.gate_proj, lambda m, a, out: scaled(out, config.gate_scale))
-            add(module.up_proj, lambda m, a, out: scaled(out, config.up_scale))
-        if name == "Phi3MLP":
-
-            def fused(m: nn.Module, a: tuple, out: Tensor) -> Tensor:
-                gate, up = out.chunk(2, dim=-1)
-                return torch.cat([scaled(gate, config.gate_scale), scaled(up, config.up_scale)], -1)
-
-            add(module.gate_up_proj, fused)
-        if name.endswith("Experts") and (config.gate_scale, config.up_scale) != (1.0, 1.0):
-            add(module, lambda m, args, out: _experts_surrogate(m, config, *args))
-    model_config = getattr(model, "config", None)
-    own_implementation = getattr(model_config, "_attn_implementation", None)
-    if model_config is not None:
+        if norm_formula(module) is not None:
+            if config.freeze_norm:
+                add(module, lambda m, args, out: _norm_surrogate(m, args[0], out))
+        elif "Norm" in name and not list(module.children()):
+            raise ReferenceGap(f"no formula for {name}")
+        for gate, up in _SEPARATE:
+            if hasattr(module, gate) and hasattr(module, up):
+                add(getattr(module, gate), lambda m, a, out: scaled(out, config.gate_scale))
+                add(getattr(module, up), lambda m, a, out: scaled(out, config.up_scale))
+        fused = _fused_projection(module)
+        if fused is not None:
+            add(fused, _fused_hook(config))
+        fused_experts = getattr(module, "gate_up_proj", None)
+        is_experts = isinstance(fused_experts, Tensor) and fused_experts.dim() == 3
+        if is_experts and (config.gate_scale, config.up_scale) != (1.0, 1.0):
+            add(module, lambda m, args, out: _experts_surrogate(m, config, out, args))
+    # every config object that an attention module may read its implementation from
+    found = (getattr(m, "config", None) for m in model.modules())
+    configs = {id(c): c for c in found if c is not None}
+    saved = {key: getattr(c, "_attn_implementation_internal", None) for key, c in configs.items()}
+    for model_config in configs.values():
         model_config._attn_implementation_internal = REFERENCE
     _active.append(config)
     try:
         yield
     finally:
         _active.pop()
-        if model_config is not None:
-            model_config._attn_implementation_internal = own_implementation
+        for key, model_config in configs.items():
+            model_config._attn_implementation_internal = saved[key]
         for handle in handles:
             handle.remove()
 

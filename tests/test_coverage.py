@@ -1,30 +1,44 @@
-"""Whole-library coverage: every causal-LM family of the installed transformers.
+"""Whole-library coverage: every causal-LM family of the installed transformers,
+and the encoders and encoder-decoders of Captum's tutorials.
 
 Each family is built from its default config, shrunk to a tiny model (random
 weights, std 0.2, norm weights perturbed away from 1), under eager and sdpa.
-A case passes when GIM either applies every rule it finds, with the forward
-bitwise unchanged and each rule changing the attribution, or refuses with a
-named ``UnsupportedModuleError``. ``python tests/test_coverage.py --write-docs``
-writes the table in docs/coverage.md.
+A case passes when GIM either
+
+- applies every rule it finds, with the forward bitwise unchanged, each rule
+  changing the attribution, and the attribution with all rules equal to the
+  independent reference of ``tests/reference.py`` (where the reference knows
+  every part of the model), or
+- refuses with an ``UnsupportedModuleError`` that names the module; with
+  ``strict=False`` the same model then runs with a warning that names every
+  skipped part, and its forward stays bitwise unchanged.
+
+``python tests/test_coverage.py --write-docs`` writes the table in docs/coverage.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from reference import ReferenceGap, reference_gradient
 from torch import nn
 
 from captum_gim import GIMConfig, UnsupportedModuleError, gim_rules
-from captum_gim.sites import find_rule_sites
+from captum_gim.sites import RuleSites, find_rule_sites
 
 OFF = GIMConfig.all_rules_off()
+ALL = GIMConfig()
 RULES = {
     "softmax": dataclasses.replace(OFF, temperature=2.0),
     "norm": dataclasses.replace(OFF, freeze_norm=True),
@@ -34,13 +48,24 @@ RULES = {
 SMALL = dict(
     vocab_size=64,
     hidden_size=32,
+    d_model=32,
+    embedding_size=32,
+    pooler_hidden_size=32,
     intermediate_size=48,
     ffn_dim=48,
+    d_ff=48,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
     num_hidden_layers=2,
     num_layers=2,
+    encoder_layers=2,
+    decoder_layers=2,
     num_attention_heads=4,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
     num_key_value_heads=2,
     head_dim=8,
+    d_kv=8,
     max_position_embeddings=128,
     num_experts=4,
     num_local_experts=4,
@@ -60,19 +85,88 @@ SMALL = dict(
     n_group=1,
     topk_group=1,
     first_k_dense_replace=1,
+    mamba_d_ssm=32,
+    mamba_n_heads=4,
+    mamba_d_head=8,
+    mamba_d_state=16,
+    mamba_chunk_size=8,
+)
+#: Only for the encoders (in the causal-LM families these names mean other things).
+ENCODER_SMALL = dict(
+    dim=32,
+    hidden_dim=48,
+    n_layers=2,
+    n_heads=4,
+    num_heads=4,
+    num_decoder_layers=2,
+    global_attn_every_n_layers=2,
+    local_attention=4,
+    num_labels=4,
 )
 BUILD_SECONDS = 20
+MAX_PARAMETERS = 5_000_000
 TARGET = 3
+#: Relative L2 distance to the reference within float32 rounding (the rules change
+#: attributions by more than 1e-3).
+TOLERANCE = 1e-4
 
 
-def causal_families() -> list[str]:
+@dataclass(frozen=True)
+class Family:
+    """A model family as the coverage test builds it."""
+
+    #: The name in the table.
+    name: str
+    #: The key of transformers' CONFIG_MAPPING.
+    model_type: str
+    #: "causal" (the causal-LM head, target: a next-token logit), "encoder" (the
+    #: sequence-classification head, target: a class logit) or "seq2seq" (the LM
+    #: head, target: a logit of the decoder's last position).
+    kind: str = "causal"
+    #: Config arguments besides the defaults.
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+def causal_families() -> list[Family]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return [Family(name, name) for name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)]
 
 
-def _shrink(config: transformers.PretrainedConfig) -> None:
-    for name, value in SMALL.items():
+#: The encoders of Captum's tutorials, and T5 and BART.
+ENCODERS = [
+    Family("bert", "bert", "encoder"),
+    Family("roberta", "roberta", "encoder"),
+    Family("distilbert", "distilbert", "encoder"),
+    Family("deberta-v2", "deberta-v2", "encoder"),
+    Family("electra", "electra", "encoder"),
+    Family("modernbert", "modernbert", "encoder"),
+    Family("xlm-roberta", "xlm-roberta", "encoder"),
+    Family("t5", "t5", "seq2seq"),
+    Family("t5 (gated-gelu, v1.1)", "t5", "seq2seq", (("feed_forward_proj", "gated-gelu"),)),
+    Family("bart", "bart", "seq2seq"),
+]
+IMPLEMENTATIONS = ("eager", "sdpa")
+#: Cases (test ids) that fail today, for the reason given: reported, not hidden.
+KNOWN_GAPS: dict[str, str] = {
+    "lfm2-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "lfm2-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "moshi-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "moshi-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "modernbert-decoder-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "modernbert-decoder-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "modernbert-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "modernbert-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "jetmoe-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "jetmoe-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
+    "xlm-eager": "strict=False: the frozen-norm output is a view, which XLM modifies in place",
+    "t5-sdpa": "the forward differs by ~9e-7 under gim_rules (sdpa with position_bias)",
+    "t5-gated-sdpa": "the forward differs by ~9e-7 under gim_rules (sdpa with position_bias)",
+}
+
+
+def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> None:
+    for name, value in sizes.items():
         current = getattr(config, name, "absent")
         if isinstance(current, int | float) or (
             current is None and name in ("head_dim", "num_key_value_heads")
@@ -84,7 +178,7 @@ def _shrink(config: transformers.PretrainedConfig) -> None:
     for name in ("text_config", "decoder", "encoder"):
         inner = getattr(config, name, None)
         if isinstance(inner, transformers.PretrainedConfig):
-            _shrink(inner)
+            _shrink(inner, sizes)
 
 
 def _alarm(*_: object) -> None:
@@ -95,25 +189,45 @@ def _alarm(*_: object) -> None:
 INIT_STD_NAMES = ("initializer_range", "init_std")
 
 
-def build(family: str, implementation: str) -> nn.Module:
-    """The tiny random causal LM of ``family``; raises with the reason it cannot be built."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+class NoImplementation(Exception):
+    """The family does not run this attention implementation."""
 
-    config = CONFIG_MAPPING[family]()
-    _shrink(config)
+
+def _model_class(kind: str) -> type:
+    return {
+        "causal": transformers.AutoModelForCausalLM,
+        "encoder": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[kind]
+
+
+def build(family: Family, implementation: str) -> nn.Module:
+    """The tiny random model of ``family``; raises with the reason it cannot be built."""
+    config = transformers.CONFIG_MAPPING[family.model_type](**dict(family.overrides))
+    _shrink(config, SMALL if family.kind == "causal" else {**SMALL, **ENCODER_SMALL})
     for name in INIT_STD_NAMES:  # non-trivial random weights: std 0.2, not the pretraining init
         if hasattr(config, name):
             setattr(config, name, 0.2)
+    model_class = _model_class(family.kind)
+    with torch.device("meta"):  # counts the parameters without allocating them
+        try:
+            size = sum(p.numel() for p in model_class.from_config(config).parameters())
+        except Exception:
+            size = 0  # built for real below, which gives the reason
+    if size > MAX_PARAMETERS:
+        raise MemoryError(f"{size / 1e6:.0f}M parameters after shrinking the config")
     torch.manual_seed(0)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(BUILD_SECONDS)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+        model = model_class.from_config(config, attn_implementation=implementation)
+    except ValueError as error:
+        if "does not support an attention implementation" in str(error):
+            raise NoImplementation(f"no {implementation}") from None
+        raise
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    if sum(p.numel() for p in model.parameters()) > 5_000_000:
-        raise MemoryError("over 5M parameters after shrinking the config")
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -122,36 +236,59 @@ def build(family: str, implementation: str) -> nn.Module:
     return model.eval()
 
 
-def _logits(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
-    return model(inputs_embeds=embeds).logits[:, -1]
+def outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
+    """The scores [batch, n] whose column TARGET is attributed."""
+    if kind == "causal":
+        return model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+    if kind == "encoder":
+        return model(inputs_embeds=embeds).logits
+    start = getattr(model.config, "decoder_start_token_id", None) or 0
+    decoder_ids = torch.tensor([[start, 5, 7]])
+    return model(inputs_embeds=embeds, decoder_input_ids=decoder_ids, use_cache=False).logits[:, -1]
 
 
-def run_case(family: str, implementation: str) -> tuple[str, str]:
-    """Returns (status, detail): 'unbuildable', 'refused' or 'every rule'."""
+@dataclass
+class Result:
+    """What one family under one attention implementation gets."""
+
+    #: "every rule", "refused", "unbuildable" or "no such implementation".
+    status: str
+    #: The rules applied, or the full refusal or build error.
+    detail: str
+    #: Equality with tests/reference.py ("" where not compared).
+    reference: str = ""
+    #: What strict=False does with a refused model ("" where not refused).
+    lenient: str = ""
+
+
+def run_case(family: Family, implementation: str) -> Result:
+    """Builds and checks one case; raises AssertionError where GIM is wrong."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = build(family, implementation)
+    except NoImplementation as missing:
+        return Result("no such implementation", str(missing))
     except Exception as error:
-        return "unbuildable", f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    try:
-        sites = find_rule_sites(model)
-    except UnsupportedModuleError as error:
-        return "refused", str(error).splitlines()[1].strip(" -")[:160]
+        return Result("unbuildable", f"{type(error).__name__}: {_first_line(error)}")
     ids = torch.arange(1, 7)[None] % model.config.get_text_config().vocab_size
     try:
         embeds = model.get_input_embeddings()(ids).detach()
-        with torch.no_grad():
-            expected = _logits(model, embeds)
-            if not torch.equal(expected, _logits(model, embeds)):
-                return "unbuildable", "its forward is not deterministic without GIM"
+        expected = _plain_outputs(model, family.kind, embeds)
+        if not torch.equal(expected, _plain_outputs(model, family.kind, embeds)):
+            return Result("unbuildable", "its forward is not deterministic without GIM")
     except Exception as error:
-        return "unbuildable", f"forward fails: {type(error).__name__}"
+        return Result(
+            "unbuildable", f"its forward fails: {type(error).__name__}: {_first_line(error)}"
+        )
     try:
-        with gim_rules(model), torch.no_grad():
-            got = _logits(model, embeds)
-        assert torch.equal(got, expected), "forward changed under gim_rules"
-        plain = _gradient(model, embeds, OFF)
+        sites = find_rule_sites(model)
+        x = embeds.clone().requires_grad_()
+        with gim_rules(model):
+            got = outputs(model, family.kind, x)
+        assert torch.equal(got.detach(), expected), "forward changed under gim_rules"
+        attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
+        plain = _gradient(model, family.kind, embeds, None)
         parts = {
             "softmax": sites.attentions,
             "qkv": sites.attentions,
@@ -162,73 +299,297 @@ def run_case(family: str, implementation: str) -> tuple[str, str]:
         for rule, config in RULES.items():
             if not parts[rule]:
                 continue
-            changed = _gradient(model, embeds, config)
-            error = float((changed - plain).norm() / plain.norm())
-            assert error > 1e-4, f"rule {rule} did not change the attribution"
+            changed = _gradient(model, family.kind, embeds, config)
+            assert _distance(changed, plain) > 1e-4, f"rule {rule} did not change the attribution"
             applied.append(rule)
     except UnsupportedModuleError as error:
-        return "refused", str(error).splitlines()[0][:160]
-    return "every rule", ", ".join(applied)
+        assert "'" in str(error), f"refusal does not name a module: {error}"
+        lenient = _check_lenient(model, family.kind, embeds, expected, str(error))
+        return Result("refused", _problems(str(error)), lenient=lenient)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        raise AssertionError(f"fails under the rules: {_named(error)}") from error
+    reference = _check_reference(model, family.kind, embeds, attribution)
+    return Result("every rule", ", ".join(applied), reference=reference)
 
 
-def _gradient(model: nn.Module, embeds: torch.Tensor, config: GIMConfig) -> torch.Tensor:
+def _plain_outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
+    """The outputs as a gradient computation sees them (inputs that require grad)."""
+    return outputs(model, kind, embeds.clone().requires_grad_()).detach()
+
+
+def _gradient(
+    model: nn.Module, kind: str, embeds: torch.Tensor, config: GIMConfig | None
+) -> torch.Tensor:
+    """The GIM gradient under ``config``; the plain gradient for None."""
     x = embeds.clone().requires_grad_()
-    with gim_rules(model, config=config):
-        output = _logits(model, x)[:, TARGET].sum()
+    with gim_rules(model, config=config) if config else contextlib.nullcontext():
+        output = outputs(model, kind, x)[:, TARGET].sum()
         return torch.autograd.grad(output, x)[0]
 
 
+def _distance(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def _check_reference(
+    model: nn.Module, kind: str, embeds: torch.Tensor, attribution: torch.Tensor
+) -> str:
+    """GIM with every rule against tests/reference.py, where the reference knows every part."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = reference_gradient(model, lambda e: outputs(model, kind, e), embeds, TARGET, ALL)
+    except ReferenceGap as gap:
+        return f"n/a: {gap}"
+    distance = _distance(attribution, want)
+    assert distance < TOLERANCE, f"differs from the reference by {distance:.2g} (relative L2)"
+    return f"equal ({distance:.0e})"
+
+
+def _check_lenient(
+    model: nn.Module, kind: str, embeds: torch.Tensor, expected: torch.Tensor, refusal: str
+) -> str:
+    """strict=False: the forward bitwise unchanged, a warning naming every refused part,
+    and the rules still applied elsewhere."""
+    names = re.findall(r"'([^']+)' \(", refusal)
+    x = embeds.clone().requires_grad_()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with gim_rules(model, strict=False):
+                got = outputs(model, kind, x)
+                attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
+    except UnsupportedModuleError as error:
+        assert "'" in str(error), f"refusal does not name a module: {error}"
+        return f"still refused on the call: {_problems(str(error))}"
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        raise AssertionError(f"fails under strict=False: {_named(error)}") from error
+    assert torch.equal(got.detach(), expected), "forward changed under strict=False"
+    warned = "\n".join(str(w.message) for w in caught if "GIM rules skip" in str(w.message))
+    unnamed = [name for name in names if f"'{name}'" not in warned]
+    assert not unnamed, f"the strict=False warning does not name {unnamed}"
+    assert torch.isfinite(attribution).all()
+    skipped = len(re.findall(r"^  - ", warned, re.M))
+    left = _sites_quietly(model)
+    if left.attentions or left.norms or left.gated_mlps:
+        plain = _gradient(model, kind, embeds, None)
+        assert _distance(attribution, plain) > 1e-4, "strict=False applied no rule at all"
+        return f"forward unchanged; warning names the {skipped} skipped parts; rest gets the rules"
+    return f"forward unchanged; warning names the {skipped} skipped parts; no rule left"
+
+
+def _sites_quietly(model: nn.Module) -> RuleSites:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return find_rule_sites(model, strict=False)
+
+
+def _named(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _problems(refusal: str) -> str:
+    """The refusal's named problems, one per line, without the advice around them."""
+    lines = [line.strip()[2:] for line in refusal.splitlines() if line.startswith("  - ")]
+    return "\n".join(lines) if lines else _first_line(Exception(refusal))
+
+
+def _case_id(family: Family, implementation: str) -> str:
+    return f"{family.name.split(' ')[0]}{'-gated' if family.overrides else ''}-{implementation}"
+
+
 CASES = [
-    pytest.param(family, implementation, id=f"{family}-{implementation}")
-    for family in causal_families()
-    for implementation in ("eager", "sdpa")
+    pytest.param(
+        family,
+        implementation,
+        id=_case_id(family, implementation),
+        marks=[pytest.mark.xfail(reason=KNOWN_GAPS[_case_id(family, implementation)])]
+        if _case_id(family, implementation) in KNOWN_GAPS
+        else [],
+    )
+    for family in causal_families() + ENCODERS
+    for implementation in IMPLEMENTATIONS
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "implementation"), CASES)
-def test_family_gets_every_rule_or_a_named_refusal(family: str, implementation: str) -> None:
-    status, detail = run_case(family, implementation)
-    if status == "unbuildable":
-        pytest.skip(detail)
-    if status == "refused":
-        assert "'" in detail, f"refusal does not name a module: {detail}"
+def test_family_gets_every_rule_or_a_named_refusal(family: Family, implementation: str) -> None:
+    result = run_case(family, implementation)
+    if result.status in ("unbuildable", "no such implementation"):
+        pytest.skip(result.detail)
 
 
-def _safe_case(family: str, implementation: str) -> tuple[str, str]:
+def _safe_case(family: Family, implementation: str) -> Result:
     try:
         return run_case(family, implementation)
     except AssertionError as error:
-        return "WRONG", str(error)
+        return Result("WRONG", str(error))
+
+
+#: Short labels of the refusal reasons, by a phrase of the refusal message.
+REFUSAL_REASONS = {
+    "without transformers' AttentionInterface": "attention outside AttentionInterface",
+    "normalization layer of unknown form": "norm of unknown form",
+    "gate, up and down parts are not recognised": "gated MLP not recognised",
+    "input differs from act(gate) * up": "gated MLP computes another product",
+    "runs attention implementation": "unsupported attention implementation",
+    "frozen-norm rule's recomputation": "norm check failed on the call",
+}
+BUILD_REASONS = {
+    "parameters after shrinking": "over 5M parameters after shrinking",
+    "building takes over": f"build takes over {BUILD_SECONDS} s",
+    "forward fails": "forward fails on the tiny model",
+    "not deterministic": "forward not deterministic",
+}
+
+
+def refusal_reasons(detail: str) -> list[str]:
+    """The short labels of a refusal, one per kind of problem it names."""
+    found = {label for phrase, label in REFUSAL_REASONS.items() if phrase in detail}
+    return sorted(found) or ["other"]
+
+
+def build_reason(detail: str) -> str:
+    for phrase, label in BUILD_REASONS.items():
+        if phrase in detail:
+            return label
+    return "config cannot be built tiny"
+
+
+def _cell(result: Result) -> str:
+    if result.status == "every rule":
+        return f"every rule: {result.detail}"
+    if result.status == "refused":
+        return "refused: " + "; ".join(refusal_reasons(result.detail))
+    if result.status == "unbuildable":
+        return f"unbuildable: {build_reason(result.detail)}"
+    if result.status == "WRONG":
+        return f"**WRONG**: {result.detail}"
+    return f"({result.detail})"
+
+
+def _lenient_cell(result: Result) -> str:
+    if not result.lenient:
+        return ""
+    if result.lenient.startswith("forward unchanged"):
+        return "forward unchanged, warns"
+    return "still refused on the call"
+
+
+def _family_result(results: dict[str, Result]) -> Result:
+    """The family's status: eager's, or sdpa's where only sdpa builds."""
+    eager, sdpa = results["eager"], results["sdpa"]
+    built = ("unbuildable", "no such implementation")
+    if eager.status in built and sdpa.status not in built:
+        return sdpa
+    return eager
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "/").replace("\n", "; ")
+
+
+def _section(title: str, families: list[Family]) -> tuple[list[str], dict[str, Result]]:
+    rows = [
+        "| family | eager | sdpa | reference | strict=False |",
+        "|---|---|---|---|---|",
+    ]
+    chosen = {}
+    for family in families:
+        results = {i: _safe_case(family, i) for i in IMPLEMENTATIONS}
+        result = _family_result(results)
+        chosen[family.name] = result
+        cells = [_cell(results[i]) for i in IMPLEMENTATIONS]
+        reference = " / ".join(dict.fromkeys(r.reference for r in results.values() if r.reference))
+        lenient = " / ".join(dict.fromkeys(_lenient_cell(r) for r in results.values() if r.lenient))
+        rows.append(
+            f"| {family.name} | " + " | ".join(map(_md, [*cells, reference, lenient])) + " |"
+        )
+        print(family.name, result.status, flush=True)
+    return [f"## {title}", "", *rows, ""], chosen
+
+
+def _totals(results: dict[str, Result]) -> list[str]:
+    count = Counter(r.status for r in results.values())
+    built = count["every rule"] + count["refused"] + count["WRONG"]
+    refused: dict[str, list[str]] = defaultdict(list)
+    for name, r in results.items():
+        for label in refusal_reasons(r.detail) if r.status == "refused" else ():
+            refused[label].append(name)
+    unbuilt = Counter(build_reason(r.detail) for r in results.values() if r.status == "unbuildable")
+    compared = [r.reference for r in results.values() if r.reference]
+    equal = sum(text.startswith("equal") for text in compared)
+    lenient = [r.lenient for r in results.values() if r.lenient]
+    unchanged = sum(text.startswith("forward unchanged") for text in lenient)
+    share = 100 * count["every rule"] / max(built, 1)
+    lines = [
+        f"- **every rule: {count['every rule']} of {built} families that build ({share:.0f} %)**",
+        f"- refused by name: {count['refused']}",
+        *(
+            f"  - {label}: {len(names)} ({', '.join(names)})"
+            for label, names in sorted(refused.items(), key=lambda item: -len(item[1]))
+        ),
+        f"- forward changed, a rule without effect or unequal to the reference: {count['WRONG']}",
+        f"- cannot be built from a tiny config: {count['unbuildable']}",
+        *(f"  - {label}: {n}" for label, n in unbuilt.most_common()),
+        f"- equal to the independent reference: {equal} of the {len(compared)} with every rule "
+        f"(the others have a part the reference does not implement)",
+        f"- refused, with strict=False: forward bitwise unchanged and a warning naming every "
+        f"skipped part: {unchanged} of {len(lenient)}; still refused on the call: "
+        f"{len(lenient) - unchanged}",
+    ]
+    return lines
+
+
+def _details(results: dict[str, Result]) -> list[str]:
+    lines = ["## Refusals and failures in full", ""]
+    for name, result in results.items():
+        if result.status in ("refused", "WRONG"):
+            problems = result.detail.splitlines()
+            lines.append(f"- **{name}** ({result.status}):")
+            lines += [f"  - {_md(problem)}" for problem in problems]
+            if result.lenient and not result.lenient.startswith("forward unchanged"):
+                lines.append(f"  - with strict=False: {_md(result.lenient)}")
+    lines += ["", "## Families that cannot be built from a tiny config", ""]
+    for name, result in results.items():
+        if result.status == "unbuildable":
+            lines.append(f"- **{name}**: {_md(result.detail)}")
+    return [*lines, ""]
 
 
 def write_docs(path: Path) -> None:
-    rows, totals = [], {"every rule": 0, "refused": 0, "unbuildable": 0, "WRONG": 0}
-    for family in causal_families():
-        cells = [_safe_case(family, implementation) for implementation in ("eager", "sdpa")]
-        status = cells[0][0]
-        totals[status] += 1
-        rows.append(
-            f"| {family} | " + " | ".join(f"{s}: {d}".replace("|", "/") for s, d in cells) + " |"
-        )
-        print(family, cells[0][0], flush=True)
-    built = totals["every rule"] + totals["refused"]
+    causal_rows, causal = _section("Causal-LM families", causal_families())
+    encoder_rows, encoders = _section("Encoders and encoder-decoders", ENCODERS)
     header = [
-        "# GIM coverage of transformers' causal-LM families",
+        "# GIM coverage of transformers' model families",
         "",
-        f"Generated by `python tests/test_coverage.py --write-docs` with transformers "
-        f"{transformers.__version__} and torch {torch.__version__}: each family built from "
-        "a tiny config with random weights (status by the eager implementation).",
+        "Generated by `python tests/test_coverage.py --write-docs` with transformers "
+        f"{transformers.__version__} and torch {torch.__version__}. Every family of "
+        "transformers' causal-LM mapping, and the encoders and encoder-decoders of Captum's "
+        "tutorials, is built from a tiny config with random weights (std 0.2, norm weights "
+        "perturbed away from 1) and checked under eager and sdpa: forward bitwise unchanged, "
+        "each rule changes the attribution, every rule together equals the independent "
+        "reference of `tests/reference.py` (where it knows every part), and a refused model "
+        "runs with `strict=False` with its forward unchanged and a warning that names the "
+        "skipped parts. A family's status is its eager one (sdpa's where only sdpa builds).",
         "",
-        f"- every rule: {totals['every rule']} of {built} families that build",
-        f"- refused by name: {totals['refused']}",
-        f"- cannot be built from a tiny config: {totals['unbuildable']}",
-        f"- forward changed or a rule without effect: {totals['WRONG']}",
+        "## Causal-LM families: totals",
         "",
-        "| family | eager | sdpa |",
-        "|---|---|---|",
+        *_totals(causal),
+        "",
+        "## Encoders and encoder-decoders: totals",
+        "",
+        *_totals(encoders),
+        "",
     ]
-    path.write_text("\n".join(header + rows) + "\n")
+    details = _details({**causal, **{f"{n} (encoder)": r for n, r in encoders.items()}})
+    path.write_text("\n".join(header + encoder_rows + causal_rows + details))
 
 
 if __name__ == "__main__":
@@ -237,28 +598,28 @@ if __name__ == "__main__":
         write_docs(Path(__file__).resolve().parent.parent / "docs" / "coverage.md")
 
 
-def _tiny(family: str, implementation: str = "eager") -> nn.Module:
+def _tiny(name: str, implementation: str = "eager") -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build(family, implementation)
+        return build(Family(name, name), implementation)
+
+
+def _logits(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    return outputs(model, "causal", embeds)
 
 
 def test_nemotron_one_plus_w_layer_norm_is_frozen_with_its_own_scale() -> None:
     """Regression: NemotronLayerNorm1P subclasses nn.LayerNorm but scales by (1 + w)."""
-    from reference import reference_gradient
-
     model = _tiny("nemotron")
     embeds = model.get_input_embeddings()(torch.arange(1, 7)[None]).detach()
     config = RULES["norm"]
-    got = _gradient(model, embeds, config)
+    got = _gradient(model, "causal", embeds, config)
     want = reference_gradient(model, lambda x: _logits(model, x), embeds, TARGET, config)
     assert float((got - want).norm() / want.norm()) < 1e-5
 
 
 def test_gpt_oss_sinks_keep_the_forward_and_get_the_tempered_softmax() -> None:
     """Regression: gpt-oss's attention sinks are neither dropped nor ignored."""
-    from reference import reference_gradient
-
     model = _tiny("gpt_oss")
     embeds = model.get_input_embeddings()(torch.arange(1, 7)[None]).detach()
     with torch.no_grad():
@@ -359,3 +720,66 @@ def test_misread_norm_is_refused_on_the_call_not_given_a_wrong_gradient() -> Non
         output = model(x)[:, 0].sum()
         with pytest.raises(UnsupportedModuleError, match="_OnePlusWRMSNorm"):
             torch.autograd.grad(output, x)
+
+
+def _norm_variants() -> dict[str, nn.Module]:
+    """One module per formula of tests/reference.py, from PyTorch and transformers."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.dory.modeling_dory import DoryL2Norm
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm
+    from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    return {
+        "layernorm-w-b": nn.LayerNorm(8),
+        "layernorm-w": nn.LayerNorm(8, bias=False),
+        "layernorm-none": nn.LayerNorm(8, elementwise_affine=False),
+        "layernorm-w-cohere": CohereLayerNorm(8),
+        "layernorm-none-olmo": OlmoLayerNorm(8),
+        "layernorm-1+w-b-nemotron": NemotronLayerNorm1P(8),
+        "rmsnorm-w": nn.RMSNorm(8, eps=1e-6),
+        "rmsnorm-none": nn.RMSNorm(8, eps=1e-6, elementwise_affine=False),
+        "rmsnorm-w-llama": LlamaRMSNorm(8),
+        "rmsnorm-w-t5": T5LayerNorm(8),
+        "rmsnorm-1+w-gemma": GemmaRMSNorm(8),
+        "rmsnorm-none-llama4-l2": Llama4TextL2Norm(),
+        "l2norm-dory": DoryL2Norm(),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_norm_variants()))
+def test_frozen_norm_variants_equal_the_reference_formula(variant: str) -> None:
+    """Rule 2 on each norm variant against the reference's formula, which also checks
+    that its formula reproduces the module's forward."""
+    norm = _norm_variants()[variant]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape))
+    model = nn.Sequential(nn.Linear(8, 8), norm, nn.Linear(8, 3))
+    x = torch.randn(2, 8)
+    got = _gradient_of(model, x, RULES["norm"])
+    want = reference_gradient(model, model, x, 0, RULES["norm"])
+    assert _distance(got, want) < 1e-5
+    assert _distance(got, _gradient_of(model, x, None)) > 1e-3
+
+
+def _gradient_of(model: nn.Module, x: torch.Tensor, config: GIMConfig | None) -> torch.Tensor:
+    x = x.clone().requires_grad_()
+    with gim_rules(model, config=config) if config else contextlib.nullcontext():
+        return torch.autograd.grad(model(x)[:, 0].sum(), x)[0]
+
+
+def test_reference_refuses_a_norm_it_has_no_formula_for() -> None:
+    """The reference raises rather than give a wrong reference (here: a (1 + w)
+    RMSNorm missing from its table)."""
+
+    class OffsetRMSNorm(_OnePlusWRMSNorm):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), OffsetRMSNorm(8), nn.Linear(8, 3))
+    with pytest.raises(ReferenceGap, match="OffsetRMSNorm"):
+        reference_gradient(model, model, torch.randn(2, 8), 0, RULES["norm"])
