@@ -181,8 +181,11 @@ def _checked_eager_attention(
     """The eager recomputation with the tempered softmax, whose value is checked
     against, and replaced by, the loaded implementation's output."""
     devices = [query.device] if query.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    # With gradients on, as the model itself would call it: sdpa picks its CPU kernel by
+    # whether the inputs require grad, and the forward value must be that kernel's, bitwise.
+    with torch.random.fork_rng(devices=devices):
         expected, expected_weights = original(module, query, key, value, attention_mask, **common)
+    expected = expected.detach()
     mask = _dense_mask(attention_mask, query, key)
     output, probs = eager_gim_attention(
         module, query, key, value, mask, temperature=temperature, **common
