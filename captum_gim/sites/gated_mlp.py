@@ -172,10 +172,12 @@ def verify_gate_function(
     r"""
     Checks that ``output = gate_function(gate_up)`` is a product
     ``F(gate) * G(up)`` of a function of the gate part and a function of the up
-    part, each depending on its part, so that scaling the two parts' gradients
-    is exactly the gated-MLP split between the factors ``F(gate)`` and
-    ``G(up)``. Every row (token) is paired with a partner row: for such a
-    product, ``f(g, u) * f(g', u') == f(g, u') * f(g', u)``.
+    part, with every output element depending on both parts, so that scaling
+    the two parts' gradients is exactly the gated-MLP split between the factors
+    ``F(gate)`` and ``G(up)``. The function is run three more times, with the
+    gate part, the up part or both replaced by a fixed partner ``(g', u')``
+    whose values lie in [0.25, 1]: for such a product,
+    ``f(g, u) * f(g', u') == f(g, u') * f(g', u)``.
 
     Returns:
         *str or None*: why the output is not such a product, or None when it is.
@@ -184,15 +186,22 @@ def verify_gate_function(
     if output.shape != gate.shape:
         return f"its gating function returns shape {tuple(output.shape)}, not the gate's"
     with torch.no_grad():
-        partner = 0.5 * gate_up.roll(1, dims=0) + 0.25
+        pattern = torch.arange(gate_up.numel(), device=gate_up.device).mul(0.618034).frac()
+        partner = (0.25 + 0.75 * pattern).to(gate_up.dtype).reshape(gate_up.shape)
         partner_gate, partner_up = gate_parts(partner, interleaved)
-        partner_output = gate_function(partner)
-        crossed_up = gate_function(_join(gate, partner_up, interleaved))
-        crossed_gate = gate_function(_join(partner_gate, up, interleaved))
-        if torch.equal(crossed_up, output) or torch.equal(crossed_gate, output):
-            return "its gating function does not depend on both the gate and the up part"
-        direct = output.to(torch.float32) * partner_output.to(torch.float32)
-        crossed = crossed_up.to(torch.float32) * crossed_gate.to(torch.float32)
+        both = gate_function(partner)
+        real_gate = gate_function(_join(gate, partner_up, interleaved))
+        real_up = gate_function(_join(partner_gate, up, interleaved))
+        columns = both.reshape(-1, both.shape[-1])
+        gate_matters = (real_gate.reshape(columns.shape) != columns).any(dim=0).all()
+        up_matters = (real_up.reshape(columns.shape) != columns).any(dim=0).all()
+        if not (gate_matters and up_matters):
+            return (
+                "its gating function has outputs that do not depend on both their gate "
+                "and their up element (a gate/up layout it does not use)"
+            )
+        direct = output.to(torch.float32) * both.to(torch.float32)
+        crossed = real_gate.to(torch.float32) * real_up.to(torch.float32)
         deviation = float((direct - crossed).abs().max())
         bound = forward_tolerance(output.dtype) * (1.0 + float(direct.abs().max()))
     if deviation <= bound:
