@@ -9,6 +9,8 @@ The public API:
 - :class:`GIMConfig`: the seven settings of the rules.
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
 - :func:`logits_forward`: a causal LM's next-token logits as a Captum forward function.
+- :func:`register_norm`, :func:`register_gated_mlp`, :func:`unregister`: describe
+  norm and gated-MLP classes that GIM cannot recognise by itself.
 """
 
 from captum_gim.attr.gim import GIMAttribution
@@ -19,6 +21,7 @@ from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
 from captum_gim.forwards import logits_forward
 from captum_gim.sites.discovery import UnsupportedModuleError
+from captum_gim.sites.registry import register_gated_mlp, register_norm, unregister
 
 # isort: split
 from captum_gim import circuits  # after the names above, which it imports
@@ -37,4 +40,7 @@ __all__ = [
     "compare",
     "gim_rules",
     "logits_forward",
+    "register_gated_mlp",
+    "register_norm",
+    "unregister",
 ]

@@ -24,8 +24,14 @@ from torch import nn
 
 from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
 from captum_gim.sites.errors import UnsupportedModuleError
-from captum_gim.sites.gated_mlp import GatedStructure, gated_structure
+from captum_gim.sites.gated_mlp import (
+    GatedStructure,
+    gated_structure,
+    has_own_gate_function,
+    parameter_projections_reason,
+)
 from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
+from captum_gim.sites.registry import registered_gated_mlp, registered_norm
 
 
 class GatedLayout(Enum):
@@ -40,6 +46,10 @@ class GatedLayout(Enum):
     #: whose ``act_fn`` receives the gate half of the fused gate/up output
     #: (Mixtral, Qwen2-MoE).
     EXPERTS = "experts"
+    #: Mixture-of-experts weights whose class has its own gating function
+    #: ``_apply_gate(gate_up)`` (gpt-oss, MiniMax-M3): the gate and up parts of
+    #: its input get the scales, and its output is checked to be their product.
+    GATE_FUNCTION = "gate_function"
 
 
 @dataclass(frozen=True)
@@ -110,13 +120,16 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     for name, module in modules:
         label = name or "<model>"
         norm = _norm_site(label, module)
-        if norm is not None:
+        if isinstance(norm, NormSite):
             sites.norms.append(norm)
+        elif norm is not None:
+            problems.append(norm)
         elif is_norm_candidate(module):
             problems.append(
                 f"'{label}' ({type(module).__name__}) looks like a normalization "
                 "layer of unknown form: no form rule 2 can freeze (centred or not, mean or sum "
-                "of squares, scale w, 1 + w or none, bias, eps) reproduces its output"
+                "of squares, scale w, 1 + w or none, bias, eps) reproduces its output; "
+                "if it is one, describe it with captum_gim.register_norm"
             )
         if isinstance(module, nn.TransformerEncoder):
             sites.torch_encoders.append(module)
@@ -136,12 +149,15 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
         elif name in attention_like and not _contains_any(name, covered | attention_like):
             sites.traced_attentions.append((label, module))
         mlp = _gated_mlp_site(label, module)
-        if mlp is not None:
+        if isinstance(mlp, GatedMLPSite):
             sites.gated_mlps.append(mlp)
+        elif mlp is not None:
+            problems.append(mlp)
         elif _looks_like_gated_mlp(module):
             problems.append(
                 f"'{label}' ({type(module).__name__}) looks like a gated MLP, but "
-                "its gate, up and down parts are not recognised"
+                "its gate, up and down parts are not recognised; name them with "
+                "captum_gim.register_gated_mlp"
             )
     if problems:
         _report(problems, strict)
@@ -162,7 +178,13 @@ def _report(problems: list[str], strict: bool) -> None:
     )
 
 
-def _norm_site(name: str, module: nn.Module) -> NormSite | None:
+def _norm_site(name: str, module: nn.Module) -> NormSite | str | None:
+    """The norm site of ``module``, a problem with its registration, or None."""
+    registered = registered_norm(name, module)
+    if isinstance(registered, NormForm):
+        return NormSite(name, module, registered)
+    if registered is not None:
+        return registered
     if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
         return NormSite(name, module, kind="group")
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -173,15 +195,22 @@ def _norm_site(name: str, module: nn.Module) -> NormSite | None:
     return None if form is None else NormSite(name, module, form)
 
 
-def _gated_mlp_site(name: str, module: nn.Module) -> GatedMLPSite | None:
+def _gated_mlp_site(name: str, module: nn.Module) -> GatedMLPSite | str | None:
+    """The gated-MLP site of ``module``, a problem to report, or None."""
+    structure = registered_gated_mlp(name, module)
+    if isinstance(structure, str):
+        return structure
     fused_experts = getattr(module, "gate_up_proj", None)
-    if isinstance(fused_experts, nn.Parameter) and fused_experts.dim() == 3:
+    if structure is None and isinstance(fused_experts, nn.Parameter) and fused_experts.dim() == 3:
+        if has_own_gate_function(module):
+            return GatedMLPSite(name, module, GatedLayout.GATE_FUNCTION)
         if callable(getattr(module, "act_fn", None)):
             return GatedMLPSite(name, module, GatedLayout.EXPERTS)
         return None
-    structure = gated_structure(module)
+    structure = structure or gated_structure(module)
     if structure is None:
-        return None
+        reason = parameter_projections_reason(module)
+        return None if reason is None else f"'{name}' ({type(module).__name__}) {reason}"
     layout = GatedLayout.SEPARATE if structure.up is not None else GatedLayout.FUSED
     return GatedMLPSite(name, module, layout, structure)
 

@@ -2,15 +2,23 @@
 
 A module is a gated MLP when it holds a gate and an up projection under one of
 the names transformers' families use (``gate_proj``/``up_proj``, ``w1``/``w3``,
-T5's ``wi_0``/``wi_1``), or one fused ``gate_up_proj`` whose output is chunked
-into gate and up, next to a down projection and an activation. On every call,
-before any gradient is changed, :func:`verify_product` checks that the down
-projection's input is ``act(gate) * up`` as the rule splits it; a module that
-computes something else is refused, never given a wrong gradient.
+T5's ``wi_0``/``wi_1``), or one fused projection (``gate_up_proj``,
+ModernBERT's ``Wi``) whose output is chunked into gate and up, next to a down
+projection and an activation; :func:`~captum_gim.register_gated_mlp` names the
+parts of other classes. On every call, before any gradient is changed,
+:func:`verify_product` checks that the first part reading the product (the down
+projection, or a norm or dropout before it) reads ``act(gate) * up``; a module
+that computes something else is refused, never given a wrong gradient.
+
+Mixture-of-experts modules with a gating function of their own
+(``_apply_gate``, e.g. gpt-oss's clamped SwiGLU ``(clamp(up) + 1) * glu(gate)``)
+are checked by :func:`verify_gate_function`: its output must be a product of a
+function of the gate part and a function of the up part.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +29,29 @@ from captum_gim.rules.norms import forward_tolerance
 #: (gate, up) projection names of separate-projection gated MLPs.
 SEPARATE_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("wi_0", "wi_1"))
 #: Fused gate/up projections whose first half is the gate.
-FUSED_NAMES = ("gate_up_proj",)
-DOWN_NAMES = ("down_proj", "w2", "wo")
+FUSED_NAMES = ("gate_up_proj", "Wi")
+DOWN_NAMES = ("down_proj", "w2", "wo", "Wo")
 ACTIVATION_NAMES = ("act_fn", "act", "activation_fn", "activation")
+
+
+#: Attributes holding the alpha and the limit of a clamped SwiGLU.
+ALPHA_NAMES = ("swiglu_alpha", "alpha")
+LIMIT_NAMES = ("swiglu_limit", "limit")
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    r"""gpt-oss's gating ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``
+    with ``g = clamp(gate, max=limit)``: a product of a function of the gate
+    branch and a function of the up branch, written inline in the forward."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1.0) * (gate * torch.sigmoid(gate * self.alpha))
 
 
 @dataclass(frozen=True)
@@ -33,7 +61,21 @@ class GatedStructure:
     gate: str
     up: str | None
     down: str
-    activation: str
+    #: The activation applied to the gate (None when ``clamped`` is the gating).
+    activation: str | None
+    #: The gating of a module without an activation attribute.
+    clamped: ClampedSwiGLU | None = None
+
+    def product(self, module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        r"""
+        Returns:
+            *Callable*: the product ``(gate, up) -> act(gate) * up`` that
+            ``module`` is meant to compute.
+        """
+        if self.clamped is not None:
+            return self.clamped
+        activation = getattr(module, str(self.activation))
+        return lambda gate, up: activation(gate) * up
 
 
 def gated_structure(module: nn.Module) -> GatedStructure | None:
@@ -46,17 +88,31 @@ def gated_structure(module: nn.Module) -> GatedStructure | None:
     activation = next(
         (name for name in ACTIVATION_NAMES if callable(getattr(module, name, None))), None
     )
-    if down is None or activation is None:
+    clamped = None if activation is not None else _clamped_swiglu(module)
+    if down is None or (activation is None and clamped is None):
         return None
     for gate, up in SEPARATE_NAMES:
         if isinstance(getattr(module, gate, None), nn.Module) and isinstance(
             getattr(module, up, None), nn.Module
         ):
-            return GatedStructure(gate, up, down, activation)
+            return GatedStructure(gate, up, down, activation, clamped)
     fused = _first_child(module, FUSED_NAMES)
     if fused is not None:
-        return GatedStructure(fused, None, down, activation)
+        return GatedStructure(fused, None, down, activation, clamped)
     return None
+
+
+def _clamped_swiglu(module: nn.Module) -> ClampedSwiGLU | None:
+    alpha = next((getattr(module, n) for n in ALPHA_NAMES if _is_number(module, n)), None)
+    limit = next((getattr(module, n) for n in LIMIT_NAMES if _is_number(module, n)), None)
+    if alpha is None or limit is None:
+        return None
+    return ClampedSwiGLU(float(alpha), float(limit))
+
+
+def _is_number(module: nn.Module, name: str) -> bool:
+    value = getattr(module, name, None)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
@@ -66,22 +122,127 @@ def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 
 def verify_product(
-    name: str, activation: nn.Module, gate: Tensor, up: Tensor, down_input: Tensor
+    reader: str,
+    product: Callable[[Tensor, Tensor], Tensor],
+    gate: Tensor,
+    up: Tensor,
+    down_input: Tensor,
 ) -> str | None:
     r"""
     Returns:
-        *str or None*: why ``down_input`` is not ``activation(gate) * up`` (the
-        product the gated-MLP rule splits), or None when it is.
+        *str or None*: why ``down_input``, the input of the child module
+        ``reader``, is not ``product(gate, up)`` (the product the gated-MLP
+        rule splits, ``act(gate) * up``), or None when it is.
     """
     if down_input.shape != up.shape:
-        return f"its down projection reads shape {tuple(down_input.shape)}, not the gated product"
+        return f"its '{reader}' reads shape {tuple(down_input.shape)}, not the gated product"
     with torch.no_grad():
-        product = (activation(gate) * up).to(torch.float32)
-        deviation = float((product - down_input.to(torch.float32)).abs().max())
-        bound = forward_tolerance(down_input.dtype) * (1.0 + float(product.abs().max()))
+        expected = product(gate, up).to(torch.float32)
+        deviation = float((expected - down_input.to(torch.float32)).abs().max())
+        bound = forward_tolerance(down_input.dtype) * (1.0 + float(expected.abs().max()))
     if deviation <= bound:
         return None
     return (
-        f"its down projection's input differs from act(gate) * up by {deviation:.3g}, "
+        f"the input of its '{reader}' differs from act(gate) * up by {deviation:.3g}, "
         "so the product GIM would split is not the one the module computes"
     )
+
+
+def gate_parts(gate_up: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+    r"""
+    Returns:
+        *tuple[Tensor, Tensor]*: the gate and up parts of a fused gate/up
+        output: alternating elements (``interleaved``) or its two halves.
+    """
+    if interleaved:
+        return gate_up[..., ::2], gate_up[..., 1::2]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gate, up
+
+
+def _join(gate: Tensor, up: Tensor, interleaved: bool) -> Tensor:
+    if interleaved:
+        return torch.stack((gate, up), dim=-1).flatten(-2)
+    return torch.cat((gate, up), dim=-1)
+
+
+def verify_gate_function(
+    gate_function: Callable[[Tensor], Tensor], gate_up: Tensor, output: Tensor, interleaved: bool
+) -> str | None:
+    r"""
+    Checks that ``output = gate_function(gate_up)`` is a product
+    ``F(gate) * G(up)`` of a function of the gate part and a function of the up
+    part, with every output element depending on both parts, so that scaling
+    the two parts' gradients is exactly the gated-MLP split between the factors
+    ``F(gate)`` and ``G(up)``. The function is run three more times, with the
+    gate part, the up part or both replaced by a fixed partner ``(g', u')``
+    whose values lie in [0.25, 1]: for such a product,
+    ``f(g, u) * f(g', u') == f(g, u') * f(g', u)``.
+
+    Returns:
+        *str or None*: why the output is not such a product, or None when it is.
+    """
+    gate, up = gate_parts(gate_up, interleaved)
+    if output.shape != gate.shape:
+        return f"its gating function returns shape {tuple(output.shape)}, not the gate's"
+    with torch.no_grad():
+        pattern = torch.arange(gate_up.numel(), device=gate_up.device).mul(0.618034).frac()
+        partner = (0.25 + 0.75 * pattern).to(gate_up.dtype).reshape(gate_up.shape)
+        partner_gate, partner_up = gate_parts(partner, interleaved)
+        both = gate_function(partner)
+        real_gate = gate_function(_join(gate, partner_up, interleaved))
+        real_up = gate_function(_join(partner_gate, up, interleaved))
+        columns = both.reshape(-1, both.shape[-1])
+        gate_matters = (real_gate.reshape(columns.shape) != columns).any(dim=0).all()
+        up_matters = (real_up.reshape(columns.shape) != columns).any(dim=0).all()
+        if not (gate_matters and up_matters):
+            return (
+                "its gating function has outputs that do not depend on both their gate "
+                "and their up element (a gate/up layout it does not use)"
+            )
+        direct = output.to(torch.float32) * both.to(torch.float32)
+        crossed = real_gate.to(torch.float32) * real_up.to(torch.float32)
+        deviation = float((direct - crossed).abs().max())
+        bound = forward_tolerance(output.dtype) * (1.0 + float(direct.abs().max()))
+    if deviation <= bound:
+        return None
+    return (
+        f"its gating function is not a product of a function of the gate part and one "
+        f"of the up part (deviation {deviation:.3g}), so GIM cannot split it"
+    )
+
+
+def has_own_gate_function(module: nn.Module) -> bool:
+    r"""
+    Returns:
+        *bool*: True when the class of a transformers experts module defines its
+        own gating function ``_apply_gate`` (not transformers' default
+        ``act_fn(gate) * up``).
+    """
+    function = getattr(type(module), "_apply_gate", None)
+    if not callable(function):
+        return False
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return True
+    return function is not _default_apply_gate
+
+
+def parameter_projections_reason(module: nn.Module) -> str | None:
+    r"""
+    Returns:
+        *str or None*: why a module whose gate and up projections are bare
+        parameter tensors (not modules, not one fused experts tensor) cannot get
+        the split, or None when it has no such projections.
+    """
+    for gate, up in SEPARATE_NAMES:
+        if isinstance(getattr(module, gate, None), nn.Parameter) and isinstance(
+            getattr(module, up, None), nn.Parameter
+        ):
+            return (
+                f"is a gated MLP whose {gate} and {up} are parameter tensors multiplied "
+                "inside its forward, so no module hook reaches the up branch to split "
+                "the product"
+            )
+    return None

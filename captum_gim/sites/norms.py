@@ -42,6 +42,9 @@ class NormForm:
     eps: float
     #: How many trailing dimensions are normalized.
     n_dims: int = 1
+    #: The attributes holding the weight and the bias.
+    weight_name: str = "weight"
+    bias_name: str = "bias"
 
     @property
     def weight_offset(self) -> float:
