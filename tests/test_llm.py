@@ -9,7 +9,6 @@ import torch
 from captum.attr import LLMAttributionResult, LLMGradientAttribution, TextTokenInput
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import captum_gim.attr.llm as llm_module
 from captum_gim import LayerGIM, LLMGIMAttribution
 from captum_gim.models import load_model
 
@@ -60,15 +59,6 @@ def test_one_pass_equals_captum_token_by_token(which, request):
     assert _relative(result.seq_attr, reference.seq_attr) <= 1e-5
     assert result.input_tokens == reference.input_tokens
     assert result.output_tokens == reference.output_tokens
-
-
-def test_chunked_batches_equal_one_batch(bundled, monkeypatch):
-    model, tokenizer = bundled
-    inp = TextTokenInput(PROMPT, tokenizer)
-    whole = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
-    monkeypatch.setattr(llm_module, "BATCH_TOKENS", 20)  # one or two copies per pass
-    chunked = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
-    assert _relative(chunked.token_attr, whole.token_attr) <= 1e-6
 
 
 def test_logit_score_equals_layer_gim_per_token(tiny_gqa):
