@@ -152,3 +152,33 @@ def test_bad_arguments_raise_one_line_errors(bundled):
         gim.attribute(TextTokenInput(PROMPT, tokenizer), target=TARGET, n_steps=5)
     with pytest.raises(ValueError, match="empty"):
         gim.attribute(TextTokenInput(PROMPT, tokenizer), target=torch.tensor([], dtype=torch.long))
+
+
+def test_long_target_under_eager_attention_equals_token_by_token(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    eager = type(model)._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    inp = TextTokenInput(PROMPT, tokenizer)
+    target = " ".join([TARGET] * 3)  # 12 target tokens
+    result = LLMGIMAttribution(eager, tokenizer).attribute(inp, target=target)
+    reference = _captum_token_by_token(eager, tokenizer, inp, target)
+    assert result.token_attr.shape[0] == 12
+    assert _relative(result.token_attr, reference.token_attr) <= 1e-5
+
+
+def test_token_attributions_from_ids_equal_attribute(bundled):
+    model, tokenizer = bundled
+    gim = LLMGIMAttribution(model, tokenizer)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    target = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
+    result = gim.attribute(inp, target=target)
+    seen: list[int] = []
+
+    def progress(steps: range):
+        for step in steps:
+            seen.append(step)
+            yield step
+
+    matrix = gim.token_attributions(inp.inp_tensor, target, progress=progress)
+    torch.testing.assert_close(matrix, result.token_attr)
+    assert seen == list(range(len(target)))
