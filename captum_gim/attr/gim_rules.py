@@ -9,9 +9,9 @@ from torch import nn
 from typing_extensions import Unpack
 
 from captum_gim.config import GIMConfig, GIMSettings
+from captum_gim.sites.cache import cached_rule_sites
 from captum_gim.sites.checks import check_model
 from captum_gim.sites.compiled import eager_calls
-from captum_gim.sites.discovery import find_rule_sites
 from captum_gim.sites.exclusive import exclusive
 from captum_gim.sites.install import install_rules
 
@@ -46,6 +46,10 @@ def gim_rules(
     must not be used by another thread until the block ends (a second
     ``gim_rules`` on it raises, but a plain forward pass in another thread would
     silently get the rules).
+
+    The rule sites are found once per model object (and again when its
+    module tree, a config object or an attention implementation changes); the
+    per-call checks of every rule still run on every forward pass.
 
     Modules compiled in place with ``module.compile()`` run eagerly inside the
     block (and are compiled again after it), so that the rule hooks see every
@@ -86,9 +90,12 @@ def gim_rules(
             f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
             "Pass the model itself, e.g. gim_rules(model)."
         )
-    check_model(model)
+    named = list(model.named_modules())
+    modules = [module for _, module in named]
+    check_model(model, named)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(exclusive(model))
-        stack.enter_context(eager_calls(model))
-        install_rules(stack, find_rule_sites(model, strict=strict), resolved)
+        stack.enter_context(exclusive(model, modules))
+        stack.enter_context(eager_calls(model, modules))
+        sites = cached_rule_sites(model, named, strict=strict)
+        install_rules(stack, sites, resolved)
         yield resolved

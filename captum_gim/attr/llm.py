@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -17,9 +18,6 @@ from captum_gim.config import GIMConfig, GIMSettings
 
 Score = Literal["log_prob", "logit"]
 
-#: Tokens (copies x sequence length) run through the model in one pass.
-BATCH_TOKENS = 8192
-
 
 class LLMGIMAttribution(LLMGradientAttribution):
     r"""
@@ -27,12 +25,21 @@ class LLMGIMAttribution(LLMGradientAttribution):
     tokens, with Captum's ``LLMGradientAttribution`` interface and result.
 
     Captum's ``LLMGradientAttribution(LayerGIM(...))`` runs one forward and one
-    backward pass per target token. Under teacher forcing one forward pass over
-    prompt + target gives every target token's score, as causal attention makes
-    the score of token ``k`` depend only on the tokens before it, and one
-    batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``)
-    gives the gradients of all the scores at once. The results equal the
-    token-by-token ones (up to float rounding).
+    backward pass per target token, and installs the rules each time. Here one
+    teacher-forced forward pass over prompt + target gives every target token's
+    score, as causal attention makes the score of token ``k`` depend only on the
+    tokens before it; the rules are installed once, and one backward pass per
+    target token through the retained graph gives its gradient. The results
+    equal the token-by-token ones (up to float rounding).
+
+    Why not one batched backward pass: ``torch.autograd.grad(...,
+    is_grads_batched=True)`` runs the backward under PyTorch's legacy vmap,
+    which the blockwise attention backward of rule 1 does not support (it
+    accumulates batched gradients into unbatched buffers), and where it does
+    run (eager attention) it was no faster than separate backward passes.
+    Repeating the teacher-forced sequence along the batch (one forward and
+    one backward pass over ``N`` copies) costs ``N`` forward passes and was
+    up to 2x slower on MiniLM-sized models.
 
     Attributions are ``embedding x GIM gradient`` summed over the embedding
     dimension, as ``LLMGradientAttribution(LayerGIM(...))`` computes them.
@@ -101,8 +108,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
             inp (TextTokenInput or list): The prompt, as Captum's
                         ``TextTokenInput`` (its ``skip_tokens`` are left out of
                         the result, as in Captum), or a list of prompts: one
-                        result per prompt (each prompt is one forward and one
-                        backward pass).
+                        result per prompt (each prompt is one forward pass and
+                        one backward pass per target token).
             target (str, Tensor, list or None, optional): The target text, or
                         its token ids (1-D); None generates it with
                         ``model.generate(**gen_args)``. A list with one target
@@ -167,10 +174,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
             )
         target_tokens = self._get_target_tokens(inp, target, gen_args=gen_args)
         target_tokens = target_tokens.reshape(-1).to(self.device)
-        if target_tokens.numel() == 0:
-            raise ValueError("The target is empty; pass at least one target token.")
         prompt = self._format_model_input(inp.to_model_input())["input_ids"]
-        token_attr = self._token_attributions(prompt, target_tokens)
+        token_attr = self.token_attributions(prompt, target_tokens)
         if inp.itp_mask is not None:
             token_attr = token_attr[:, inp.itp_mask[0].to(token_attr.device)]
         return LLMAttributionResult(
@@ -180,25 +185,39 @@ class LLMGIMAttribution(LLMGradientAttribution):
             output_tokens=_convert_ids_to_pretty_tokens(target_tokens, self.tokenizer),
         )
 
-    def _token_attributions(self, prompt: Tensor, target_tokens: Tensor) -> Tensor:
-        """``target tokens x prompt tokens``: the teacher-forced sequence is
-        repeated once per target token along the batch, and one forward and one
-        backward pass per chunk of copies give copy ``k`` the gradient of target
-        ``k``'s score alone."""
-        n_target = target_tokens.numel()
-        ids = torch.cat([prompt, target_tokens[:-1].unsqueeze(0).to(prompt)], dim=1)
-        chunk = max(1, BATCH_TOKENS // ids.shape[1])
-        rows = [
-            self._chunk_attributions(ids, prompt.shape[1], target_tokens, start, chunk)
-            for start in range(0, n_target, chunk)
-        ]
-        return torch.cat(rows)
-
-    def _chunk_attributions(
-        self, ids: Tensor, n_prompt: int, target_tokens: Tensor, start: int, chunk: int
+    def token_attributions(
+        self,
+        prompt: Tensor,
+        target_tokens: Tensor,
+        progress: Callable[[range], Iterable[int]] = iter,
     ) -> Tensor:
-        n_target = target_tokens.numel()
-        positions = torch.arange(start, min(start + chunk, n_target), device=ids.device)
+        r"""
+        The attributions of every target token's score to every prompt token,
+        from token ids (what :meth:`attribute` computes before it drops
+        ``skip_tokens``): one teacher-forced forward pass over prompt + target
+        and one backward pass per target token through the retained graph.
+
+        Args:
+            prompt (Tensor): The prompt's token ids, ``1 x prompt tokens``.
+            target_tokens (Tensor): The target token ids, 1-D (at least one).
+            progress (Callable, optional): Wraps the range of target tokens,
+                        e.g. a progress bar such as ``tqdm``.
+                        Default: ``iter``
+
+        Returns:
+            *Tensor*: ``target tokens x prompt tokens`` (on the model's device).
+
+        Examples::
+
+            >>> gim = LLMGIMAttribution(model, tokenizer, score="logit")
+            >>> prompt = torch.tensor([tokenizer("a b c").input_ids])
+            >>> scores = gim.token_attributions(prompt, torch.tensor([7, 8]))  # 2 x 4
+        """
+        target_tokens = target_tokens.reshape(-1)
+        if target_tokens.numel() == 0:
+            raise ValueError("The target is empty; pass at least one target token.")
+        n_prompt, n_target = prompt.shape[1], target_tokens.numel()
+        ids = torch.cat([prompt, target_tokens[:-1].unsqueeze(0).to(prompt)], dim=1)
         captured: list[Tensor] = []
 
         def capture(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -208,16 +227,20 @@ class LLMGIMAttribution(LLMGradientAttribution):
 
         embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
         handle = embeddings.register_forward_hook(capture)
+        rows = []
         try:
             with torch.enable_grad(), gim_rules(self.model, config=self.config, strict=self.strict):
-                copies = ids.expand(len(positions), -1)
-                logits = self.model(copies, logits_to_keep=n_target).logits
-                rows = torch.arange(len(positions), device=ids.device)
-                logits = logits[rows, positions]
+                logits = self.model(ids, logits_to_keep=n_target).logits[0]
                 scores = logits if self.score == "logit" else torch.log_softmax(logits, -1)
-                score = scores[rows, target_tokens[positions]].sum()
+                positions = torch.arange(n_target, device=ids.device)
+                scores = scores[positions, target_tokens]
                 (activation,) = captured
-                (gradient,) = torch.autograd.grad(score, activation)
+                values = activation.detach()[0, :n_prompt]
+                for k in progress(range(n_target)):
+                    (gradient,) = torch.autograd.grad(
+                        scores[k], activation, retain_graph=k < n_target - 1
+                    )
+                    rows.append((gradient[0, :n_prompt] * values).sum(-1))
         finally:
             handle.remove()
-        return (gradient[:, :n_prompt] * activation.detach()[:, :n_prompt]).sum(-1)
+        return torch.stack(rows)

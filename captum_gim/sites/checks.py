@@ -133,7 +133,7 @@ def _positional_hint(value: object) -> str:
     return ""
 
 
-def check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> None:
     r"""
     Checks a model before the GIM rules are installed on it.
 
@@ -143,13 +143,17 @@ def check_model(model: nn.Module) -> None:
 
     Args:
         model (nn.Module): The model that gets the rules.
+        modules (list[tuple[str, nn.Module]], optional):
+                    ``list(model.named_modules())``, when the caller has it.
+                    Default: None
     """
     if is_compiled_wrapper(model):
         raise _compiled_model_error("model")
-    for name, module in model.named_modules():
+    modules = list(model.named_modules()) if modules is None else modules
+    for name, module in modules:
         if module is not model and is_compiled_wrapper(module):
             raise _compiled_model_error(f"Submodule '{name}' of model")
-    dropout = active_dropout(model)
+    dropout = active_dropout(model, modules)
     if dropout:
         listing = ", ".join(dropout[:3]) + (", ..." if len(dropout) > 3 else "")
         warnings.warn(
@@ -162,7 +166,9 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def active_dropout(model: nn.Module) -> list[str]:
+def active_dropout(
+    model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None
+) -> list[str]:
     r"""
     Returns:
         *list[str]*: one description per module of ``model`` in training mode
@@ -170,7 +176,7 @@ def active_dropout(model: nn.Module) -> list[str]:
         modules with a float ``attention_dropout``-like attribute).
     """
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if modules is None else modules:
         if not module.training:
             continue
         label = name or "<model>"

@@ -9,7 +9,7 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def eager_calls(model: nn.Module) -> Iterator[None]:
+def eager_calls(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     r"""
     Runs the modules of ``model`` that were compiled in place
     (``module.compile()``) eagerly for the duration of the block, so that the
@@ -18,10 +18,13 @@ def eager_calls(model: nn.Module) -> Iterator[None]:
 
     Args:
         model (nn.Module): The model that gets the rules.
+        modules (list[nn.Module], optional): ``list(model.modules())``, when the
+                    caller has it already.
+                    Default: None
     """
     compiled = [
         (module, module.__dict__["_compiled_call_impl"])
-        for module in model.modules()
+        for module in (model.modules() if modules is None else modules)
         if module.__dict__.get("_compiled_call_impl") is not None
     ]
     for module, _ in compiled:

@@ -17,7 +17,7 @@ _active_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def exclusive(model: nn.Module) -> Iterator[None]:
+def exclusive(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     r"""
     Marks every module of ``model`` as under the GIM rules for the block, and
     raises ``RuntimeError`` when one already is (nested rules, a submodule of a
@@ -25,8 +25,11 @@ def exclusive(model: nn.Module) -> Iterator[None]:
 
     Args:
         model (nn.Module): The model that gets the rules.
+        modules (list[nn.Module], optional): ``list(model.modules())``, when the
+                    caller has it already.
+                    Default: None
     """
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else modules
     with _active_lock:
         for module in modules:
             entry = _active_modules.get(module)
