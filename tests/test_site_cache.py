@@ -126,3 +126,47 @@ def test_models_with_unreachable_parts_raise_or_warn_on_every_call() -> None:
     assert first.startswith("raised") and first == _outcome(model, strict=True)
     lenient = _outcome(model, strict=False)
     assert lenient != "warned: " and lenient == _outcome(model, strict=False)
+
+
+def test_cached_sites_follow_each_calls_strict_flag() -> None:
+    """A traced attention refused on a strict call only warns on a lenient one."""
+    from test_traced_attention import _LinearAttention, _Model
+
+    model = _Model(_LinearAttention())
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    for strict in (True, False, True):
+        if strict:
+            with pytest.raises(UnsupportedModuleError), gim_rules(model):
+                model(x)
+        else:
+            with (
+                pytest.warns(UserWarning, match="_LinearAttention"),
+                gim_rules(model, strict=False),
+            ):
+                model(x)
+
+
+def test_a_registration_after_the_first_call_is_seen() -> None:
+    from captum_gim import register_norm
+
+    class MaxLikeNorm(nn.Module):  # an RMSNorm whose weight is named 'scale'
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3)
+
+    model = nn.Sequential(nn.Linear(8, 8), MaxLikeNorm())
+    with pytest.warns(UserWarning, match="MaxLikeNorm"), gim_rules(model, strict=False):
+        pass
+    before = cached_rule_sites_norms(model)
+    with register_norm(MaxLikeNorm, centered=False, scale="w", eps=1e-3, weight="scale"):
+        assert cached_rule_sites_norms(model) == before + 1
+    assert cached_rule_sites_norms(model) == before
+
+
+def cached_rule_sites_norms(model: nn.Module) -> int:
+    from captum_gim.sites.cache import cached_rule_sites
+
+    return len(cached_rule_sites(model, list(model.named_modules()), strict=False).norms)

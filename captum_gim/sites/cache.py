@@ -12,6 +12,7 @@ per-call checks, which the cache never skips.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections.abc import Hashable
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from captum_gim.sites.discovery import RuleSites, UnsupportedModuleError, find_rule_sites
+from captum_gim.sites.registry import registry_version
 
 Fingerprint = tuple[Hashable, ...]
 
@@ -55,7 +57,7 @@ def cached_rule_sites(
         *RuleSites*: the places where the rules apply (shared between calls:
         do not modify it).
     """
-    tree = _tree(modules)
+    tree = (registry_version(), _tree(modules))
     with _cache_lock:
         entry = _cache.get(model)
     fresh = entry is not None and entry.tree == tree
@@ -70,7 +72,7 @@ def cached_rule_sites(
             _cache[model] = entry
     if entry.sites is None:
         return find_rule_sites(model, strict=strict)
-    return entry.sites
+    return entry.sites if strict else dataclasses.replace(entry.sites, strict=False)
 
 
 def clear_site_cache() -> None:
@@ -90,6 +92,7 @@ def _keeps_model_alive(model: nn.Module, sites: RuleSites) -> bool:
     """A site that is the model itself would keep the weak cache key alive."""
     found = [n.module for n in sites.norms] + [m.module for m in sites.gated_mlps]
     found += [m for _, m in sites.attentions] + [m for _, m in sites.torch_attentions]
+    found += [m for _, m in sites.traced_attentions]
     return any(module is model for module in (*found, *sites.torch_encoders))
 
 

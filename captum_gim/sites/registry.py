@@ -44,6 +44,16 @@ Registration = NormRegistration | GatedStructure
 
 _registry: dict[type, Registration] = {}
 _lock = threading.Lock()
+#: Counts the changes to the registry, so that cached rule sites see them.
+_version = [0]
+
+
+def registry_version() -> int:
+    r"""
+    Returns:
+        *int*: a number that changes whenever a registration is added or removed.
+    """
+    return _version[0]
 
 
 class RegistrationHandle:
@@ -58,6 +68,7 @@ class RegistrationHandle:
         with _lock:
             if _registry.get(self.module_class) is self._entry:
                 del _registry[self.module_class]
+                _version[0] += 1
 
     def __enter__(self) -> RegistrationHandle:
         return self
@@ -210,6 +221,7 @@ def unregister(module_class: type[nn.Module]) -> None:
     """
     with _lock:
         _registry.pop(module_class, None)
+        _version[0] += 1
 
 
 def registered_norm(name: str, module: nn.Module) -> NormForm | str | None:
@@ -283,6 +295,7 @@ def registered_gated_mlp(name: str, module: nn.Module) -> GatedStructure | str |
 def _register(module_class: type, entry: Registration) -> RegistrationHandle:
     with _lock:
         _registry[module_class] = entry
+        _version[0] += 1
     return RegistrationHandle(module_class, entry)
 
 
