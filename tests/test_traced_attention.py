@@ -110,7 +110,7 @@ def build(family: str, implementation: str) -> nn.Module:
     limit = test_coverage.BUILD_SECONDS
     test_coverage.BUILD_SECONDS = 600
     try:
-        return test_coverage.build(family, implementation)
+        return test_coverage.build(test_coverage.Family(family, family), implementation)
     finally:
         test_coverage.BUILD_SECONDS = limit
 
