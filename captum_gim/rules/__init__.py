@@ -12,7 +12,11 @@ cast back to the input dtype.
 - :mod:`~captum_gim.rules.scaling`: rule 3, gradient scales.
 """
 
-from captum_gim.rules.attention import blockwise_attention_backward, sdpa_attention_backward
+from captum_gim.rules.attention import (
+    blockwise_attention_backward,
+    sdpa_attention_backward,
+    tempered_attention_backward,
+)
 from captum_gim.rules.norms import frozen_group_norm, frozen_layer_norm, frozen_rms_norm
 from captum_gim.rules.precision import rule_dtype
 from captum_gim.rules.scaling import scale_gradient
@@ -26,6 +30,7 @@ __all__ = [
     "rule_dtype",
     "scale_gradient",
     "sdpa_attention_backward",
+    "tempered_attention_backward",
     "tempered_softmax",
     "tempered_softmax_backward",
 ]

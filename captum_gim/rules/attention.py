@@ -230,3 +230,35 @@ def _restore_layout(grad: Tensor, like: Tensor) -> Tensor:
     if grad.shape[2] < like.shape[2]:
         grad = nn.functional.pad(grad, (0, 0, 0, like.shape[2] - grad.shape[2]))
     return grad.to(like.dtype, memory_format=torch.contiguous_format)
+
+
+def tempered_attention_backward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    grad_output: Tensor,
+    *,
+    scaling: float,
+    causal: bool,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""
+    Rule 1's gradients of ``softmax(q k^T * scaling + mask) v``: by
+    :func:`sdpa_attention_backward` on CUDA and by
+    :func:`blockwise_attention_backward` elsewhere. Arguments as theirs.
+
+    Returns:
+        *tuple[Tensor, Tensor, Tensor]*: gradients of query, key and value.
+    """
+    backward = sdpa_attention_backward if query.is_cuda else blockwise_attention_backward
+    return backward(
+        query,
+        key,
+        value,
+        mask,
+        grad_output,
+        scaling=scaling,
+        causal=causal,
+        temperature=temperature,
+    )

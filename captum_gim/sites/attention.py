@@ -38,9 +38,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 
 from captum_gim.config import GIMConfig
 from captum_gim.rules import (
-    blockwise_attention_backward,
     scale_gradient,
-    sdpa_attention_backward,
+    tempered_attention_backward,
     tempered_softmax,
 )
 from captum_gim.sites.errors import UnsupportedModuleError
@@ -369,8 +368,7 @@ class _TemperedSdpaAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         query, key, value, mask = ctx.saved_tensors
-        backward = sdpa_attention_backward if query.is_cuda else blockwise_attention_backward
-        grads = backward(
+        grads = tempered_attention_backward(
             query,
             key,
             value,

@@ -45,10 +45,9 @@ from torch.overrides import TorchFunctionMode
 
 from captum_gim.config import GIMConfig
 from captum_gim.rules import (
-    blockwise_attention_backward,
     rule_dtype,
     scale_gradient,
-    sdpa_attention_backward,
+    tempered_attention_backward,
     tempered_softmax_backward,
 )
 from captum_gim.sites.errors import UnsupportedModuleError
@@ -147,8 +146,7 @@ class _TemperedScaledDotProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         query, key, value, mask = ctx.saved_tensors
-        backward = sdpa_attention_backward if query.is_cuda else blockwise_attention_backward
-        grads = backward(
+        grads = tempered_attention_backward(
             query,
             key,
             value,
