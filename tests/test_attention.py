@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from captum_gim.rules import blockwise_attention_backward, sdpa_attention_backward
+from captum_gim.rules.attention import query_rows_per_block
 from captum_gim.sites.attention import eager_gim_attention, gim_attention_forward
 
 
@@ -182,3 +183,15 @@ def test_blockwise_backward_broadcasts_a_one_row_padding_mask() -> None:
     )
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize(
+    ("n_queries", "n_keys", "n_rep", "expected"),
+    [(6, 6, 1, 6), (1, 1, 1, 1), (4096, 4096, 1, 128), (4096, 4096, 4, 32), (3, 1 << 21, 2, 1)],
+)
+def test_query_blocks_never_exceed_the_queries(
+    n_queries: int, n_keys: int, n_rep: int, expected: int
+) -> None:
+    """A 6-token prompt once got blocks (and a causal mask) sized for 87,381
+    queries: 7.6 GB and seconds per backward."""
+    assert query_rows_per_block(n_queries, n_keys, n_rep, 1 << 19) == expected

@@ -149,16 +149,6 @@ ENCODERS = [
 IMPLEMENTATIONS = ("eager", "sdpa")
 #: Cases (test ids) that fail today, for the reason given: reported, not hidden.
 KNOWN_GAPS: dict[str, str] = {
-    "lfm2-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "lfm2-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "moshi-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "moshi-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "modernbert-decoder-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "modernbert-decoder-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "modernbert-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "modernbert-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "jetmoe-eager": "captum_gim does not recognise this gated MLP and skips it without a warning",
-    "jetmoe-sdpa": "captum_gim does not recognise this gated MLP and skips it without a warning",
 }
 
 
@@ -741,6 +731,7 @@ def _norm_variants() -> dict[str, nn.Module]:
         "layernorm-none-olmo": OlmoLayerNorm(8),
         "layernorm-1+w-b-nemotron": NemotronLayerNorm1P(8),
         "rmsnorm-w": nn.RMSNorm(8, eps=1e-6),
+        "rmsnorm-w-eps-none": nn.RMSNorm(8),
         "rmsnorm-none": nn.RMSNorm(8, eps=1e-6, elementwise_affine=False),
         "rmsnorm-w-llama": LlamaRMSNorm(8),
         "rmsnorm-w-t5": T5LayerNorm(8),
@@ -761,6 +752,19 @@ def test_frozen_norm_variants_equal_the_reference_formula(variant: str) -> None:
             parameter.add_(0.3 * torch.randn(parameter.shape))
     model = nn.Sequential(nn.Linear(8, 8), norm, nn.Linear(8, 3))
     x = torch.randn(2, 8)
+    got = _gradient_of(model, x, RULES["norm"])
+    want = reference_gradient(model, model, x, 0, RULES["norm"])
+    assert _distance(got, want) < 1e-5
+    assert _distance(got, _gradient_of(model, x, None)) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rms_norm_without_eps_uses_the_inputs_machine_epsilon(dtype: torch.dtype) -> None:
+    """nn.RMSNorm(eps=None) adds torch.finfo(input dtype).eps: with inputs small
+    enough for the epsilon to matter, the frozen statistic must use that one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, 3)).to(dtype)
+    x = 1e-4 * torch.randn(2, 8, dtype=dtype)
     got = _gradient_of(model, x, RULES["norm"])
     want = reference_gradient(model, model, x, 0, RULES["norm"])
     assert _distance(got, want) < 1e-5

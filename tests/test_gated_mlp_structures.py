@@ -378,3 +378,86 @@ def test_shared_experts_with_parameter_projections_are_refused_by_name() -> None
     shared = InklingSharedExperts(config)
     with pytest.raises(UnsupportedModuleError, match=r"InklingSharedExperts.*parameter tensors"):
         find_rule_sites(nn.ModuleDict({"shared_experts": shared}))
+
+
+# --- LFM2: w1/w3 with the activation called inline; Moshi, JetMoE: fused by width -----------
+
+
+def lfm2_mlp() -> nn.Module:
+    from transformers import Lfm2Config
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+
+    config = Lfm2Config(hidden_size=32, intermediate_size=24, block_auto_adjust_ff_dim=False)
+    torch.manual_seed(0)
+    return randomize(Lfm2MLP(config))
+
+
+def test_lfm2_inline_silu_is_split() -> None:
+    mlp = lfm2_mlp()
+
+    def reference(x: Tensor) -> Tensor:
+        gate = scaled(x @ mlp.w1.weight.T, GATE)
+        up = scaled(x @ mlp.w3.weight.T, UP)
+        return (F.silu(gate) * up) @ mlp.w2.weight.T
+
+    assert_split(mlp, mlp, reference)
+
+
+def test_inline_activation_outside_the_known_ones_is_refused() -> None:
+    mlp = lfm2_mlp()
+    mlp.forward = lambda x: mlp.w2(torch.tanh(mlp.w1(x)) * mlp.w3(x))  # type: ignore[method-assign]
+    with pytest.raises(UnsupportedModuleError, match=r"Lfm2MLP.*'w2' differs.*silu, gelu"):
+        gim_gradient(mlp, mlp, hidden())
+
+
+def test_moshi_fc1_twice_as_wide_as_fc2_is_split_into_halves() -> None:
+    from transformers import MoshiConfig
+    from transformers.models.moshi.modeling_moshi import MoshiGatingMLP
+
+    config = MoshiConfig(hidden_size=32, ffn_dim=48, audio_encoder_config={}).get_text_config()
+    torch.manual_seed(0)
+    mlp = randomize(MoshiGatingMLP(config))
+    assert [m.layout.value for m in find_rule_sites(mlp).gated_mlps] == ["fused"]
+
+    def reference(x: Tensor) -> Tensor:
+        gate, up = (x @ mlp.fc1.weight.T).chunk(2, dim=-1)
+        product = mlp.activation_fn(scaled(gate, GATE)) * scaled(up, UP)
+        return product @ mlp.fc2.weight.T
+
+    assert_split(mlp, lambda x: mlp(x[None])[0], reference)
+
+
+def test_plain_fc1_fc2_mlp_is_not_a_gated_mlp() -> None:
+    from transformers import OPTConfig, OPTModel
+
+    config = OPTConfig(
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+    )
+    model = OPTModel(config)
+    assert find_rule_sites(model).gated_mlps == []
+
+
+def test_jetmoe_experts_split_their_halves() -> None:
+    from transformers import JetMoeConfig
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoE
+
+    config = JetMoeConfig(hidden_size=32, intermediate_size=24, num_local_experts=4)
+    torch.manual_seed(0)
+    moe = randomize(JetMoeMoE(config))
+
+    def reference(x: Tensor) -> Tensor:
+        _, batch_index, batch_gates, expert_size, _ = moe.router(x)
+        rows = x[batch_index].split(expert_size, dim=0)
+        outputs = []
+        for expert, row in enumerate(rows):
+            gate, up = F.linear(row, moe.input_linear.weight[expert]).chunk(2, dim=-1)
+            product = moe.activation(scaled(gate, GATE)) * scaled(up, UP)
+            outputs.append(F.linear(product, moe.output_linear.weight[expert]))
+        weighted = torch.cat(outputs) * batch_gates[:, None]
+        return torch.zeros_like(x).index_add(0, batch_index, weighted) + moe.bias
+
+    assert_split(moe, lambda x: moe(x[None])[0], reference)

@@ -78,7 +78,7 @@ def blockwise_attention_backward(
     grad_q = torch.empty_like(q)
     grad_k_t = torch.zeros_like(k_t)
     grad_v_t = torch.zeros_like(v_t)
-    rows_per_block = max(1, block_elements // max(1, n_rep * n_keys))
+    rows_per_block = query_rows_per_block(n_queries, n_keys, n_rep, block_elements)
     future = torch.ones(rows_per_block, rows_per_block, dtype=torch.bool, device=q.device)
     future = future.triu_(1)
     for b, h in itertools.product(range(batch), range(kv_heads)):
@@ -120,6 +120,19 @@ def blockwise_attention_backward(
     grad_k = _restore_layout(grad_k_t.mT, key)
     grad_v = _restore_layout(grad_v_t.mT, value)
     return grad_q.view(query.shape).to(query.dtype), grad_k, grad_v
+
+
+def query_rows_per_block(n_queries: int, n_keys: int, n_rep: int, block_elements: int) -> int:
+    r"""
+    Returns:
+        *int*: how many query rows (of each of the ``n_rep`` query heads sharing
+        a key head) one block of the blockwise backward holds: as many as keep
+        its ``n_rep x rows x n_keys`` scores within ``block_elements``, at
+        least 1 and at most ``n_queries`` (the block's causal mask is
+        ``rows x rows``, so a short prompt must not get a block sized for a
+        long one).
+    """
+    return min(n_queries, max(1, block_elements // max(1, n_rep * n_keys)))
 
 
 def _block_rows(mask: Tensor, start: int, end: int) -> Tensor:

@@ -28,6 +28,7 @@ from captum_gim.sites.gated_mlp import (
     GatedStructure,
     gated_structure,
     has_own_gate_function,
+    looks_like_gated_mlp,
     parameter_projections_reason,
 )
 from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
@@ -153,7 +154,7 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
             sites.gated_mlps.append(mlp)
         elif mlp is not None:
             problems.append(mlp)
-        elif _looks_like_gated_mlp(module):
+        elif looks_like_gated_mlp(module):
             problems.append(
                 f"'{label}' ({type(module).__name__}) looks like a gated MLP, but "
                 "its gate, up and down parts are not recognised; name them with "
@@ -223,14 +224,6 @@ def _contains_any(name: str, module_names: set[str]) -> bool:
     """True when a module named in ``module_names`` lies inside module ``name``."""
     prefix = f"{name}." if name else ""
     return any(inner != name and inner.startswith(prefix) for inner in module_names)
-
-
-def _looks_like_gated_mlp(module: nn.Module) -> bool:
-    names = {name.lower() for name, _ in module.named_children()}
-    names |= {name.lower() for name, _ in module.named_parameters(recurse=False)}
-    has_gate = any("gate" in name and "router" not in name for name in names)
-    has_up = any("up" in name.split("_") or name == "w3" for name in names)
-    return has_gate and has_up
 
 
 def _routes_attention(module: nn.Module) -> bool:

@@ -3,9 +3,12 @@
 A module is a gated MLP when it holds a gate and an up projection under one of
 the names transformers' families use (``gate_proj``/``up_proj``, ``w1``/``w3``,
 T5's ``wi_0``/``wi_1``), or one fused projection (``gate_up_proj``,
-ModernBERT's ``Wi``) whose output is chunked into gate and up, next to a down
-projection and an activation; :func:`~captum_gim.register_gated_mlp` names the
-parts of other classes. On every call, before any gradient is changed,
+ModernBERT's ``Wi``, Moshi's ``fc1``, JetMoE's experts ``input_linear``) twice
+as wide as its down projection reads, whose output is chunked into gate and up,
+next to a down projection and an activation. The activation is a child or
+attribute, or, for separate projections, a function called inline in the
+forward (LFM2's ``F.silu``), which the product check identifies on the call;
+:func:`~captum_gim.register_gated_mlp` names the parts of other classes. On every call, before any gradient is changed,
 :func:`verify_product` checks that the first part reading the product (the down
 projection, or a norm or dropout before it) reads ``act(gate) * up``; a module
 that computes something else is refused, never given a wrong gradient.
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_gim.rules.norms import forward_tolerance
@@ -30,9 +34,23 @@ from captum_gim.rules.norms import forward_tolerance
 SEPARATE_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("wi_0", "wi_1"))
 #: Fused gate/up projections whose first half is the gate.
 FUSED_NAMES = ("gate_up_proj", "Wi")
+#: Projections that are a fused gate/up projection when they are twice as wide
+#: as their down projection reads (otherwise the first layer of a plain MLP).
+FUSED_BY_WIDTH_NAMES = (("fc1", "fc2"), ("input_linear", "output_linear"))
 DOWN_NAMES = ("down_proj", "w2", "wo", "Wo")
 ACTIVATION_NAMES = ("act_fn", "act", "activation_fn", "activation")
 
+
+#: The activations an inline-activation gated MLP may apply to its gate, by name.
+INLINE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
 
 #: Attributes holding the alpha and the limit of a clamped SwiGLU.
 ALPHA_NAMES = ("swiglu_alpha", "alpha")
@@ -61,21 +79,29 @@ class GatedStructure:
     gate: str
     up: str | None
     down: str
-    #: The activation applied to the gate (None when ``clamped`` is the gating).
+    #: The activation applied to the gate (None when ``clamped`` is the gating,
+    #: or when the forward calls the activation inline).
     activation: str | None
     #: The gating of a module without an activation attribute.
     clamped: ClampedSwiGLU | None = None
 
-    def product(self, module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    def products(self, module: nn.Module) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
         r"""
         Returns:
-            *Callable*: the product ``(gate, up) -> act(gate) * up`` that
-            ``module`` is meant to compute.
+            *dict[str, Callable]*: the products ``(gate, up) -> act(gate) * up``
+            that ``module`` may compute, by the activation's name: one for a
+            named activation or a clamped SwiGLU, the candidates of
+            :data:`INLINE_ACTIVATIONS` for an activation called inline.
         """
         if self.clamped is not None:
-            return self.clamped
-        activation = getattr(module, str(self.activation))
-        return lambda gate, up: activation(gate) * up
+            return {"clamped SwiGLU": self.clamped}
+        if self.activation is None:
+            return {
+                name: (lambda gate, up, act=act: act(gate) * up)
+                for name, act in INLINE_ACTIVATIONS.items()
+            }
+        activation = getattr(module, self.activation)
+        return {self.activation: lambda gate, up: activation(gate) * up}
 
 
 def gated_structure(module: nn.Module) -> GatedStructure | None:
@@ -89,17 +115,61 @@ def gated_structure(module: nn.Module) -> GatedStructure | None:
         (name for name in ACTIVATION_NAMES if callable(getattr(module, name, None))), None
     )
     clamped = None if activation is not None else _clamped_swiglu(module)
-    if down is None or (activation is None and clamped is None):
+    if down is not None:
+        for gate, up in SEPARATE_NAMES:
+            if isinstance(getattr(module, gate, None), nn.Module) and isinstance(
+                getattr(module, up, None), nn.Module
+            ):
+                return GatedStructure(gate, up, down, activation, clamped)
+    if activation is None and clamped is None:
         return None
-    for gate, up in SEPARATE_NAMES:
-        if isinstance(getattr(module, gate, None), nn.Module) and isinstance(
-            getattr(module, up, None), nn.Module
-        ):
-            return GatedStructure(gate, up, down, activation, clamped)
     fused = _first_child(module, FUSED_NAMES)
-    if fused is not None:
+    if down is not None and fused is not None:
         return GatedStructure(fused, None, down, activation, clamped)
+    for fused, down in FUSED_BY_WIDTH_NAMES:
+        if _is_twice_as_wide(module, fused, down):
+            return GatedStructure(fused, None, down, activation, clamped)
     return None
+
+
+def _widths(module: object) -> tuple[int, int] | None:
+    """(input, output) widths of a linear layer or a stack of them."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() >= 2:
+        return int(weight.shape[-1]), int(weight.shape[-2])
+    return None
+
+
+def _is_twice_as_wide(module: nn.Module, fused: str, down: str) -> bool:
+    """True when child ``fused`` outputs twice the width child ``down`` reads."""
+    fused_widths = _widths(getattr(module, fused, None))
+    down_widths = _widths(getattr(module, down, None))
+    return (
+        fused_widths is not None
+        and down_widths is not None
+        and fused_widths[1] == 2 * down_widths[0]
+    )
+
+
+def looks_like_gated_mlp(module: nn.Module) -> bool:
+    r"""
+    Returns:
+        *bool*: True when ``module`` has the parts of a gated MLP by name (a
+        gate and an up part, ``w1``/``w3``) or by shape (a projection twice as
+        wide as its down projection reads), so that not recognising it must be
+        reported.
+    """
+    names = {name.lower() for name, _ in module.named_children()}
+    names |= {name.lower() for name, _ in module.named_parameters(recurse=False)}
+    has_gate = any("gate" in name and "router" not in name for name in names)
+    has_up = any("up" in name.split("_") for name in names)
+    return (
+        (has_gate and has_up)
+        or {"w1", "w3"} <= names
+        or any(_is_twice_as_wide(module, fused, down) for fused, down in FUSED_BY_WIDTH_NAMES)
+    )
 
 
 def _clamped_swiglu(module: nn.Module) -> ClampedSwiGLU | None:
@@ -123,7 +193,7 @@ def _first_child(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 def verify_product(
     reader: str,
-    product: Callable[[Tensor, Tensor], Tensor],
+    products: dict[str, Callable[[Tensor, Tensor], Tensor]],
     gate: Tensor,
     up: Tensor,
     down_input: Tensor,
@@ -131,20 +201,26 @@ def verify_product(
     r"""
     Returns:
         *str or None*: why ``down_input``, the input of the child module
-        ``reader``, is not ``product(gate, up)`` (the product the gated-MLP
-        rule splits, ``act(gate) * up``), or None when it is.
+        ``reader``, is none of ``products`` of ``(gate, up)`` (the product the
+        gated-MLP rule splits, ``act(gate) * up``), or None when it is one.
     """
     if down_input.shape != up.shape:
         return f"its '{reader}' reads shape {tuple(down_input.shape)}, not the gated product"
+    deviations = []
     with torch.no_grad():
-        expected = product(gate, up).to(torch.float32)
-        deviation = float((expected - down_input.to(torch.float32)).abs().max())
-        bound = forward_tolerance(down_input.dtype) * (1.0 + float(expected.abs().max()))
-    if deviation <= bound:
-        return None
+        actual = down_input.to(torch.float32)
+        for product in products.values():
+            expected = product(gate, up).to(torch.float32)
+            deviation = float((expected - actual).abs().max())
+            bound = forward_tolerance(down_input.dtype) * (1.0 + float(expected.abs().max()))
+            if deviation <= bound:
+                return None
+            deviations.append(deviation)
+    names = ", ".join(products)
     return (
-        f"the input of its '{reader}' differs from act(gate) * up by {deviation:.3g}, "
-        "so the product GIM would split is not the one the module computes"
+        f"the input of its '{reader}' differs from act(gate) * up (act: {names}) by "
+        f"{min(deviations):.3g}, so the product GIM would split is not the one the "
+        "module computes"
     )
 
 

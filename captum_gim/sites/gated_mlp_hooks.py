@@ -120,7 +120,7 @@ def _verify_reader_hook(
     and up projections reads act(gate) * up."""
     structure = site.structure
     assert structure is not None
-    product = structure.product(site.module)
+    products = structure.products(site.module)
     up_name = structure.gate if structure.up is None else structure.up
 
     def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
@@ -135,7 +135,7 @@ def _verify_reader_hook(
                 f"its '{reader}' reads no tensor positionally after the gate and up"
             )
         else:
-            problem = verify_product(reader, product, gate, up, args[0])
+            problem = verify_product(reader, products, gate, up, args[0])
         if problem is not None:
             raise UnsupportedModuleError(f"{_label(site)}: {problem}. {_FIX}")
 

@@ -18,6 +18,7 @@ from captum_gim.sites.discovery import (
     UnsupportedModuleError,
 )
 from captum_gim.sites.gated_mlp_hooks import install_gated_mlp_rule
+from captum_gim.sites.norms import call_eps
 from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
 from captum_gim.sites.traced_attention import install_traced_attention
 
@@ -82,6 +83,7 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
             eps = cast(float, module.eps)
             return frozen_group_norm(x, output, weight, groups, eps, bias=bias, verify=verify)
         assert form is not None
+        eps = call_eps(module, form, x.dtype)
         weight = weight if form.scale != "none" else None
         bias = bias if form.bias else None
         if form.centered:
@@ -89,7 +91,7 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
                 x,
                 output,
                 weight,
-                form.eps,
+                eps,
                 form.n_dims,
                 bias=bias,
                 weight_offset=form.weight_offset,
@@ -99,7 +101,7 @@ def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
             x,
             output,
             weight,
-            form.eps,
+            eps,
             form.weight_offset,
             form.n_dims,
             bias=bias,

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 _PYTORCH_NORMS = (nn.LayerNorm, nn.RMSNorm)
 _EPS_NAMES = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps", "norm_eps")
-_FALLBACK_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 0.0)
+#: Also ``torch.finfo(torch.float32).eps``: ``nn.RMSNorm(eps=None)``'s epsilon
+#: in the float32 probe (it uses the input dtype's, see :func:`call_eps`).
+_FALLBACK_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 0.0, torch.finfo(torch.float32).eps)
 _PROBE_WIDTH = 8
 
 
@@ -178,6 +180,17 @@ def _apply(form: NormForm, x: Tensor, weight: Tensor | None, bias: Tensor | None
     if form.bias and bias is not None:
         y = y + bias
     return y
+
+
+def call_eps(module: nn.Module, form: NormForm, dtype: torch.dtype) -> float:
+    r"""
+    Returns:
+        *float*: the epsilon ``module`` adds for an input of ``dtype``: the
+        form's, or, for ``nn.RMSNorm(eps=None)``, ``torch.finfo(dtype).eps``.
+    """
+    if isinstance(module, nn.RMSNorm) and module.eps is None:
+        return torch.finfo(dtype).eps
+    return form.eps
 
 
 def _close(got: Tensor, want: Tensor) -> bool:
