@@ -148,8 +148,7 @@ ENCODERS = [
 ]
 IMPLEMENTATIONS = ("eager", "sdpa")
 #: Cases (test ids) that fail today, for the reason given: reported, not hidden.
-KNOWN_GAPS: dict[str, str] = {
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> None:

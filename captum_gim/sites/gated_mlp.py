@@ -8,10 +8,12 @@ as wide as its down projection reads, whose output is chunked into gate and up,
 next to a down projection and an activation. The activation is a child or
 attribute, or, for separate projections, a function called inline in the
 forward (LFM2's ``F.silu``), which the product check identifies on the call;
-:func:`~captum_gim.register_gated_mlp` names the parts of other classes. On every call, before any gradient is changed,
-:func:`verify_product` checks that the first part reading the product (the down
-projection, or a norm or dropout before it) reads ``act(gate) * up``; a module
-that computes something else is refused, never given a wrong gradient.
+:func:`~captum_gim.register_gated_mlp` names the parts of other classes.
+
+On every call, before any gradient is changed, :func:`verify_product` checks
+that the first part reading the product (the down projection, or a norm or
+dropout before it) reads ``act(gate) * up``; a module that computes something
+else is refused, never given a wrong gradient.
 
 Mixture-of-experts modules with a gating function of their own
 (``_apply_gate``, e.g. gpt-oss's clamped SwiGLU ``(clamp(up) + 1) * glu(gate)``)
@@ -96,12 +98,13 @@ class GatedStructure:
         if self.clamped is not None:
             return {"clamped SwiGLU": self.clamped}
         if self.activation is None:
-            return {
-                name: (lambda gate, up, act=act: act(gate) * up)
-                for name, act in INLINE_ACTIVATIONS.items()
-            }
-        activation = getattr(module, self.activation)
-        return {self.activation: lambda gate, up: activation(gate) * up}
+            return {name: _gated(act) for name, act in INLINE_ACTIVATIONS.items()}
+        return {self.activation: _gated(getattr(module, self.activation))}
+
+
+def _gated(activation: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The product ``(gate, up) -> activation(gate) * up``."""
+    return lambda gate, up: activation(gate) * up
 
 
 def gated_structure(module: nn.Module) -> GatedStructure | None:
