@@ -81,6 +81,8 @@ SMALL = dict(
     kv_lora_rank=16,
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
+    qk_head_dim=16,
+    rotary_dim=8,
     v_head_dim=8,
     n_group=1,
     topk_group=1,
@@ -155,12 +157,21 @@ def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> 
     for name, value in sizes.items():
         current = getattr(config, name, "absent")
         if isinstance(current, int | float) or (
-            current is None and name in ("head_dim", "num_key_value_heads")
+            current is None
+            and name
+            in ("head_dim", "num_key_value_heads", "n_group", "topk_group", "num_experts_per_tok")
         ):
             try:
                 setattr(config, name, value)
             except (AttributeError, ValueError, TypeError):
                 pass
+    if isinstance(getattr(config, "kv_lora_rank", None), int):
+        # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...) gives every
+        # query head its own key and value: no key/value heads to share.
+        try:
+            config.num_key_value_heads = config.num_attention_heads
+        except (AttributeError, ValueError, TypeError):
+            pass
     for name in ("text_config", "decoder", "encoder"):
         inner = getattr(config, name, None)
         if isinstance(inner, transformers.PretrainedConfig):
@@ -428,7 +439,11 @@ REFUSAL_REASONS = {
     "without transformers' AttentionInterface": "attention outside AttentionInterface",
     "normalization layer of unknown form": "norm of unknown form",
     "gate, up and down parts are not recognised": "gated MLP not recognised",
-    "input differs from act(gate) * up": "gated MLP computes another product",
+    "differs from act(gate) * up": "gated MLP computes another product",
+    "parameter tensors multiplied inside": "gated MLP with parameter-tensor projections",
+    "does not read as softmax(q k^T) v": "attention without a softmax (linear or recurrent)",
+    "outside q k^T": "q or k enter the scores outside q k^T",
+    "convolutional token mixer": "state-space or convolutional token mixer",
     "runs attention implementation": "unsupported attention implementation",
     "frozen-norm rule's recomputation": "norm check failed on the call",
 }

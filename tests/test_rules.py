@@ -108,11 +108,26 @@ class _GatedMLP(nn.Module):
         return torch.sigmoid(self.w_gate(x)) * self.w_up(x)
 
 
+class _ShortConvMixer(nn.Module):
+    """LFM2/Mamba-style: a depthwise causal convolution between two gates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(4, 12)
+        self.conv = nn.Conv1d(4, 4, kernel_size=3, groups=4, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h = self.in_proj(x).chunk(3, dim=-1)
+        mixed = self.conv((b * h).unsqueeze(-1).transpose(0, 1))[..., : x.shape[0]]
+        return c * mixed.transpose(0, 1).squeeze(-1)
+
+
 @pytest.mark.parametrize(
     ("part", "message"),
     [
         (_CustomNorm(), "normalization layer of unknown form"),
         (_GatedMLP(), "looks like a gated MLP, but its gate, up and down parts"),
+        (_ShortConvMixer(), "convolutional token mixer"),
     ],
 )
 def test_unsupported_parts_raise_or_warn(part, message) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import test_coverage
@@ -66,6 +67,20 @@ PROJECTIONS = {
     "bloom": ("self_attention.query_key_value", "per_head"),
     "gpt_neox_japanese": ("attention.query_key_value", "per_head"),
     "falcon": ("self_attention.query_key_value", "multi_query"),
+    "deberta-v2": ("self.query_proj", "self.key_proj", "self.value_proj"),
+}
+#: The families as the coverage test builds them, by the names above.
+FAMILIES = {
+    **{name: test_coverage.Family(name, name) for name in PROJECTIONS},
+    "deberta-v2": test_coverage.Family("deberta-v2", "deberta-v2", "encoder"),
+    # Disentangled attention: q and k also enter the scores through the
+    # relative-position terms q r_k^T and k r_q^T (refused, see below).
+    "deberta-v2-relative": test_coverage.Family(
+        "deberta-v2-relative",
+        "deberta-v2",
+        "encoder",
+        (("relative_attention", True), ("pos_att_type", ["c2p", "p2c"])),
+    ),
 }
 
 
@@ -80,7 +95,9 @@ def _reference_hooks(model: nn.Module, family: str, config: GIMConfig) -> list:
                 if name.endswith(ending):
                     scale = scales[letter]
                     handles.append(
-                        module.register_forward_hook(lambda m, a, y, s=scale: _scaled(y, s))
+                        module.register_forward_hook(
+                            lambda m, a, y, s=scale: _scaled(y, s) if _reads_inputs(a[0]) else y
+                        )
                     )
         elif name.endswith(spec[0]):
 
@@ -94,14 +111,34 @@ def _reference_hooks(model: nn.Module, family: str, config: GIMConfig) -> list:
     return handles
 
 
+def _reads_inputs(x: Tensor) -> bool:
+    """True for a tensor computed from the input embeddings (not from parameters alone)."""
+    return x.grad_fn is not None and any(True for _ in _leaves(x.grad_fn))
+
+
+def _leaves(node: object) -> Iterator[Tensor]:
+    """The input-embedding leaves (leaves that are not parameters) below ``node``."""
+    queue, seen = [node], {id(node)}
+    while queue:
+        current = queue.pop()
+        variable = getattr(current, "variable", None)
+        if isinstance(variable, Tensor) and not isinstance(variable, nn.Parameter):
+            yield variable
+        for parent, _ in getattr(current, "next_functions", ()):
+            if parent is not None and id(parent) not in seen:
+                seen.add(id(parent))
+                queue.append(parent)
+
+
 def _embeds(model: nn.Module) -> Tensor:
     ids = torch.arange(1, 8)[None] % model.config.get_text_config().vocab_size
     return model.get_input_embeddings()(ids).detach()
 
 
-def _gradient(model: nn.Module, x: Tensor) -> Tensor:
+def _gradient(model: nn.Module, family: str, x: Tensor) -> Tensor:
     x = x.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(model(inputs_embeds=x).logits[:, -1, 3].sum(), x)
+    scores = test_coverage.outputs(model, FAMILIES[family].kind, x)
+    (grad,) = torch.autograd.grad(scores[:, test_coverage.TARGET].sum(), x)
     return grad
 
 
@@ -110,7 +147,7 @@ def build(family: str, implementation: str) -> nn.Module:
     limit = test_coverage.BUILD_SECONDS
     test_coverage.BUILD_SECONDS = 600
     try:
-        return test_coverage.build(test_coverage.Family(family, family), implementation)
+        return test_coverage.build(FAMILIES[family], implementation)
     finally:
         test_coverage.BUILD_SECONDS = limit
 
@@ -121,13 +158,23 @@ def _reference(family: str, config: GIMConfig, monkeypatch: pytest.MonkeyPatch) 
     with monkeypatch.context() as patch:
         patch.setattr(F, "softmax", _surrogate_softmax(float(config.temperature)))
         try:
-            return _gradient(model, _embeds(model))
+            return _gradient(model, family, _embeds(model))
         finally:
             for handle in handles:
                 handle.remove()
 
 
 CASES = [(family, "eager") for family in PROJECTIONS] + [("falcon", "sdpa")]
+
+
+def test_q_and_k_entering_the_scores_outside_their_product_are_refused() -> None:
+    """DeBERTa's relative-position terms read q and k outside q k^T: their scales
+    at the projections (the spec's rule 3) cannot be applied at the product."""
+    model = build("deberta-v2-relative", "eager")
+    x = _embeds(model).requires_grad_()
+    with pytest.raises(UnsupportedModuleError, match=r"'.*attention.self'.*outside q k\^T"):
+        with gim_rules(model, config=RULES):
+            test_coverage.outputs(model, "encoder", x)
 
 
 @pytest.mark.slow
@@ -141,13 +188,14 @@ def test_traced_family_equals_the_reference(
         sites = find_rule_sites(model)
         assert sites.traced_attentions and not sites.attentions
         x = _embeds(model)
+        kind = FAMILIES[family].kind
         with torch.no_grad():
-            expected = model(inputs_embeds=x).logits
+            expected = test_coverage.outputs(model, kind, x)
             with gim_rules(model, config=RULES):
-                assert torch.equal(model(inputs_embeds=x).logits, expected)
+                assert torch.equal(test_coverage.outputs(model, kind, x), expected)
         with gim_rules(model, config=RULES):
-            got = _gradient(model, x)
-        plain = _gradient(model, x)
+            got = _gradient(model, family, x)
+        plain = _gradient(model, family, x)
         reference = _reference(family, RULES, monkeypatch)
     assert float((reference - plain).norm() / plain.norm()) > 1e-4
     assert float((got - reference).norm() / reference.norm()) < 1e-5

@@ -149,6 +149,12 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
                 )
         elif name in attention_like and not _contains_any(name, covered | attention_like):
             sites.traced_attentions.append((label, module))
+        if _is_convolutional_mixer(module) and name not in attention_like:
+            problems.append(
+                f"'{label}' ({type(module).__name__}) is a state-space or convolutional token "
+                "mixer (a depthwise Conv1d whose outputs are multiplied with each other or "
+                "with a gate): its multiplicative interactions are outside GIM's three rules"
+            )
         mlp = _gated_mlp_site(label, module)
         if isinstance(mlp, GatedMLPSite):
             sites.gated_mlps.append(mlp)
@@ -214,6 +220,15 @@ def _gated_mlp_site(name: str, module: nn.Module) -> GatedMLPSite | str | None:
         return None if reason is None else f"'{name}' ({type(module).__name__}) {reason}"
     layout = GatedLayout.SEPARATE if structure.up is not None else GatedLayout.FUSED
     return GatedMLPSite(name, module, layout, structure)
+
+
+def _is_convolutional_mixer(module: nn.Module) -> bool:
+    """True for a module holding a depthwise Conv1d: the token mixer of Mamba,
+    Jamba, Falcon-H1, LFM2 and other state-space or short-convolution families."""
+    return any(
+        isinstance(child, nn.Conv1d) and child.groups > 1 and child.groups == child.in_channels
+        for child in module.children()
+    )
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -75,6 +75,8 @@ _SEARCH_LIMIT = 256
 #: How many autograd nodes may lie between a tensor computed from parameters
 #: alone and those parameters.
 _PARAMETER_SEARCH_LIMIT = 16
+#: How many autograd nodes behind ``q`` and ``k`` count as computing them.
+_SOURCE_NODES = 8
 
 
 class _Lazy:
@@ -164,6 +166,8 @@ class _Product:
     """A product of two activations, waiting to be read as ``q k^T``."""
 
     node: Any
+    #: The autograd nodes that compute ``q`` and ``k`` (up to their projections).
+    sources: frozenset[int] = frozenset()
     q_scale: _Lazy = field(default_factory=_Lazy)
     k_scale: _Lazy = field(default_factory=_Lazy)
 
@@ -214,7 +218,7 @@ class _AttentionTrace(TorchFunctionMode):
                 operands.replace(value_slot, lambda v: scale_gradient(v, self.config.v_scale))
                 self._complete(softmax)
                 return func(*operands.args, **operands.kwargs)
-        product = _Product(node=None)
+        product = _Product(node=None, sources=_sources(rows) | _sources(columns))
         operands.replace(0, lambda q: _LazyScale.apply(q, product.q_scale))
         operands.replace(1, lambda k: _LazyScale.apply(k, product.k_scale))
         output = func(*operands.args, **operands.kwargs)
@@ -235,6 +239,12 @@ class _AttentionTrace(TorchFunctionMode):
                 f"a softmax over dimension {dim} not computed from a product q k^T"
             )
             return func(*args, **kwargs)
+        if _reach(scores.grad_fn, product.sources, avoid=product.node) is not None:
+            self.problems.append(
+                "q or k also enter the attention scores outside q k^T (as DeBERTa's "
+                "relative-position terms do), so rule 3's scales of q and k at their "
+                "projections cannot be applied at the product"
+            )
         softmax = _Softmax(node=None, product=product)
         rest = tuple(args[1:])
 
@@ -397,9 +407,24 @@ def _einsum_positions(equation: str) -> tuple[int, int] | None:
     return None
 
 
-def _reach(start: Any, targets: Any) -> int | None:
+def _sources(operand: Tensor) -> frozenset[int]:
+    """The ids of the first :data:`_SOURCE_NODES` autograd nodes that compute
+    ``operand`` (its reshapes, scalings and rotary embedding, up to its projection)."""
+    queue: list[Any] = [operand.grad_fn]
+    seen = {id(operand.grad_fn)}
+    for node in queue:
+        if len(queue) >= _SOURCE_NODES:
+            break
+        for parent, _ in node.next_functions:
+            if parent is not None and id(parent) not in seen:
+                seen.add(id(parent))
+                queue.append(parent)
+    return frozenset(seen)
+
+
+def _reach(start: Any, targets: Any, avoid: Any = None) -> int | None:
     """The id of the first node of ``targets`` that the autograd graph from
-    ``start`` leads to within :data:`_SEARCH_LIMIT` nodes."""
+    ``start`` leads to within :data:`_SEARCH_LIMIT` nodes, not through ``avoid``."""
     if start is None or not targets:
         return None
     queue, seen = [start], {id(start)}
@@ -408,6 +433,8 @@ def _reach(start: Any, targets: Any) -> int | None:
             return id(node)
         if len(queue) > _SEARCH_LIMIT:
             return None
+        if node is avoid:
+            continue
         for parent, _ in node.next_functions:
             if parent is not None and id(parent) not in seen:
                 seen.add(id(parent))
