@@ -75,6 +75,15 @@ def blockwise_attention_backward(
     k_t = k.mT.contiguous()
     v_t = value[:, :, :n_keys].to(dtype).mT.contiguous()
     grouped_mask = None if mask is None else _group_heads(mask[..., :n_keys], kv_heads, n_rep)
+    if batch * heads * n_queries * n_keys <= block_elements:
+        grad_q, grad_k_t, grad_v_t = _dense_backward(
+            q, k, k_t, v_t, grouped_mask, grad_out, scaling, score_t, causal, temperature
+        )
+        return (
+            grad_q.view(query.shape).to(query.dtype),
+            _restore_layout(grad_k_t.mT, key),
+            _restore_layout(grad_v_t.mT, value),
+        )
     grad_q = torch.empty_like(q)
     grad_k_t = torch.zeros_like(k_t)
     grad_v_t = torch.zeros_like(v_t)
@@ -120,6 +129,48 @@ def blockwise_attention_backward(
     grad_k = _restore_layout(grad_k_t.mT, key)
     grad_v = _restore_layout(grad_v_t.mT, value)
     return grad_q.view(query.shape).to(query.dtype), grad_k, grad_v
+
+
+def _dense_backward(
+    q: Tensor,
+    k: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    grouped_mask: Tensor | None,
+    grad_out: Tensor,
+    scaling: float,
+    score_t: float,
+    causal: bool,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The blockwise backward's arithmetic for all batch elements and heads at
+    once, for scores that fit in one block (short prompts: no Python loop)."""
+    batch, kv_heads, n_rep, n_queries, head_dim = q.shape
+    n_keys = k_t.shape[-1]
+    q_rows = q.reshape(batch, kv_heads, n_rep * n_queries, head_dim)
+    out_rows = grad_out.reshape(batch, kv_heads, n_rep * n_queries, -1)
+    scores = torch.matmul(q_rows, k_t)
+    blocked = scores.view(batch, kv_heads, n_rep, n_queries, n_keys)
+    if causal:
+        future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).triu_(1)
+        blocked.masked_fill_(future, float("-inf"))
+    if grouped_mask is not None:
+        if grouped_mask.dtype == torch.bool:
+            blocked.masked_fill_(~grouped_mask, float("-inf"))
+        else:
+            blocked.add_(grouped_mask, alpha=1.0 / score_t)
+    tempered, probs, weight = _block_softmaxes(
+        scores, out_rows, temperature, grouped_mask is not None
+    )
+    grad_v_t = torch.matmul(weight.mT, probs)
+    del probs
+    grad_scores = torch.matmul(out_rows, v_t)
+    inner = torch.linalg.vecdot(grad_scores, tempered).unsqueeze_(-1)
+    grad_scores.sub_(inner).mul_(tempered)
+    del tempered
+    grad_q = torch.matmul(grad_scores, k).mul_(scaling)
+    grad_k_t = torch.matmul(q_rows.mT, grad_scores).mul_(score_t)
+    return grad_q.view(q.shape), grad_k_t, grad_v_t
 
 
 def query_rows_per_block(n_queries: int, n_keys: int, n_rep: int, block_elements: int) -> int:
