@@ -109,11 +109,7 @@ def blockwise_attention_backward(
                 diagonal = blocked[..., start:visible]
                 diagonal.masked_fill_(future[: end - start, : visible - start], float("-inf"))
             if group_mask is not None:
-                block_mask = _block_rows(group_mask, start, end)[..., :visible]
-                if block_mask.dtype == torch.bool:
-                    blocked.masked_fill_(~block_mask, float("-inf"))
-                else:
-                    blocked.add_(block_mask, alpha=1.0 / score_t)
+                _add_mask(blocked, _block_rows(group_mask, start, end)[..., :visible], score_t)
             tempered, probs, weight = _block_softmaxes(
                 scores, out_block, temperature, group_mask is not None
             )
@@ -155,10 +151,7 @@ def _dense_backward(
         future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).triu_(1)
         blocked.masked_fill_(future, float("-inf"))
     if grouped_mask is not None:
-        if grouped_mask.dtype == torch.bool:
-            blocked.masked_fill_(~grouped_mask, float("-inf"))
-        else:
-            blocked.add_(grouped_mask, alpha=1.0 / score_t)
+        _add_mask(blocked, grouped_mask, score_t)
     tempered, probs, weight = _block_softmaxes(
         scores, out_rows, temperature, grouped_mask is not None
     )
@@ -171,6 +164,14 @@ def _dense_backward(
     grad_q = torch.matmul(grad_scores, k).mul_(scaling)
     grad_k_t = torch.matmul(q_rows.mT, grad_scores).mul_(score_t)
     return grad_q.view(q.shape), grad_k_t, grad_v_t
+
+
+def _add_mask(scores: Tensor, mask: Tensor, score_t: float) -> None:
+    """Masks ``scores`` (``s / score_t``) in place: boolean (True = attend) or additive."""
+    if mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, float("-inf"))
+    else:
+        scores.add_(mask, alpha=1.0 / score_t)
 
 
 def query_rows_per_block(n_queries: int, n_keys: int, n_rep: int, block_elements: int) -> int:
