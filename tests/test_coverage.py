@@ -801,3 +801,23 @@ def test_reference_refuses_a_norm_it_has_no_formula_for() -> None:
     model = nn.Sequential(nn.Linear(8, 8), OffsetRMSNorm(8), nn.Linear(8, 3))
     with pytest.raises(ReferenceGap, match="OffsetRMSNorm"):
         reference_gradient(model, model, torch.randn(2, 8), 0, RULES["norm"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
+def test_flex_attention_gets_the_same_attribution_as_eager(model_type: str) -> None:
+    """flex_attention (no backward on the CPU): the forward value is flex's own, the
+    gradient the rules' recomputation, equal to the eager model's GIM gradient."""
+    family = Family(model_type, model_type)
+    eager, flex = (build(family, impl) for impl in ("eager", "flex_attention"))
+    flex.load_state_dict(eager.state_dict())
+    embeds = eager.get_input_embeddings()(torch.arange(1, 7)[None]).detach()
+    with torch.no_grad():
+        expected = outputs(flex, "causal", embeds)
+    x = embeds.clone().requires_grad_()
+    with gim_rules(flex):
+        got = outputs(flex, "causal", x)
+        attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
+    assert torch.equal(got.detach(), expected)
+    want = _gradient(eager, "causal", embeds, ALL)
+    assert _distance(attribution, want) < 1e-5
+    assert _distance(want, _gradient(eager, "causal", embeds, None)) > 1e-3

@@ -153,7 +153,15 @@ def gim_attention_forward(
         )
         return output, None
     return _checked_eager_attention(
-        module, original, query, key, value, attention_mask, temperature, common
+        module,
+        original,
+        site.implementation,
+        query,
+        key,
+        value,
+        attention_mask,
+        temperature,
+        common,
     )
 
 
@@ -170,6 +178,7 @@ def _original_function(site: _AttentionSite) -> Callable[..., Any]:
 def _checked_eager_attention(
     module: nn.Module,
     original: Callable[..., Any],
+    implementation: str,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -182,8 +191,12 @@ def _checked_eager_attention(
     devices = [query.device] if query.device.type == "cuda" else []
     # With gradients on, as the model itself would call it: sdpa picks its CPU kernel by
     # whether the inputs require grad, and the forward value must be that kernel's, bitwise.
+    # flex_attention has no backward on the CPU: its value is computed from detached inputs.
+    inputs = (query, key, value)
+    if implementation == "flex_attention" and query.device.type == "cpu":
+        inputs = tuple(t.detach() for t in inputs)
     with torch.random.fork_rng(devices=devices):
-        expected, expected_weights = original(module, query, key, value, attention_mask, **common)
+        expected, expected_weights = original(module, *inputs, attention_mask, **common)
     expected = expected.detach()
     mask = _dense_mask(attention_mask, query, key)
     output, probs = eager_gim_attention(
