@@ -192,7 +192,7 @@ def _checked_eager_attention(
     # With gradients on, as the model itself would call it: sdpa picks its CPU kernel by
     # whether the inputs require grad, and the forward value must be that kernel's, bitwise.
     # flex_attention has no backward on the CPU: its value is computed from detached inputs.
-    inputs = (query, key, value)
+    inputs: tuple[Tensor, ...] = (query, key, value)
     if implementation == "flex_attention" and query.device.type == "cpu":
         inputs = tuple(t.detach() for t in inputs)
     with torch.random.fork_rng(devices=devices):
