@@ -461,3 +461,41 @@ def test_jetmoe_experts_split_their_halves() -> None:
         return torch.zeros_like(x).index_add(0, batch_index, weighted) + moe.bias
 
     assert_split(moe, lambda x: moe(x[None])[0], reference)
+
+
+def test_product_check_failing_under_strict_false_warns_and_keeps_exact_gradients() -> None:
+    mlp = bitnet_mlp()
+
+    def forward(x: Tensor) -> Tensor:
+        up = mlp.up_proj(x)
+        return mlp.down_proj(mlp.ffn_sub_norm(mlp.act_fn(mlp.gate_proj(x)) * up + 0.5 * up))
+
+    mlp.forward = forward  # type: ignore[method-assign]
+    x = hidden()
+    with torch.no_grad():
+        expected = mlp(x)
+    with pytest.warns(UserWarning, match=r"skip this call.*BitNetMLP.*'ffn_sub_norm' differs"):
+        with gim_rules(mlp, config=SPLIT, strict=False):
+            y = x.clone().requires_grad_()
+            output = mlp(y)
+            got = torch.autograd.grad(readout(output), y)[0]
+    assert torch.equal(output.detach(), expected)
+    torch.testing.assert_close(got, gradient(mlp, x), rtol=0, atol=0)
+
+
+def test_gating_function_failing_under_strict_false_warns_and_keeps_exact_gradients() -> None:
+    experts = gpt_oss_experts()
+    experts.__dict__["_apply_gate"] = _SummedGate()
+    indices, weights = routing(4)
+
+    def call(x: Tensor) -> Tensor:
+        return experts(x, indices, weights)
+
+    x = hidden()
+    try:
+        with pytest.warns(UserWarning, match=r"skip this call.*GptOssExperts.*not a product"):
+            with gim_rules(experts, config=SPLIT, strict=False):
+                got = gradient(call, x)
+        torch.testing.assert_close(got, gradient(call, x), rtol=0, atol=0)
+    finally:
+        del experts.__dict__["_apply_gate"]

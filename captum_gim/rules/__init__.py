@@ -19,14 +19,16 @@ from captum_gim.rules.attention import (
 )
 from captum_gim.rules.norms import frozen_group_norm, frozen_layer_norm, frozen_rms_norm
 from captum_gim.rules.precision import rule_dtype
-from captum_gim.rules.scaling import scale_gradient
+from captum_gim.rules.scaling import Lazy, lazy_scale_gradient, scale_gradient
 from captum_gim.rules.softmax import tempered_softmax, tempered_softmax_backward
 
 __all__ = [
+    "Lazy",
     "blockwise_attention_backward",
     "frozen_group_norm",
     "frozen_layer_norm",
     "frozen_rms_norm",
+    "lazy_scale_gradient",
     "rule_dtype",
     "scale_gradient",
     "sdpa_attention_backward",

@@ -35,3 +35,50 @@ def scale_gradient(x: Tensor, scale: Tensor | float) -> Tensor:
     if isinstance(scale, (int, float)) and scale == 1.0:
         return x
     return _ScaleGradient.apply(x, scale)
+
+
+class Lazy:
+    r"""A rule parameter settled after the forward pass, before the backward
+    (e.g. once a check of the module's output has passed)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Tensor | float | None = None
+
+    def get(self) -> Tensor | float:
+        r"""
+        Returns:
+            *Tensor or float*: the settled value; raises RuntimeError when unsettled.
+        """
+        if self.value is None:
+            raise RuntimeError("a GIM rule was not settled before the backward pass")
+        return self.value
+
+
+class _LazyScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Lazy) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        scale = ctx.scale.get()
+        if isinstance(scale, (int, float)) and scale == 1.0:
+            return grad, None
+        return grad * scale, None
+
+
+def lazy_scale_gradient(x: Tensor, scale: Lazy) -> Tensor:
+    r"""
+    As :func:`scale_gradient`, with a scale that is read in the backward pass.
+
+    Args:
+        x (Tensor): Any tensor.
+        scale (Lazy): The scale, settled before the backward pass.
+
+    Returns:
+        *Tensor*: ``x`` unchanged, whose gradient will be ``scale.get() * grad``.
+    """
+    return _LazyScaleGradient.apply(x, scale)

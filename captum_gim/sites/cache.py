@@ -66,7 +66,7 @@ def cached_rule_sites(
     if not fresh or entry is None:
         sites = _strict_walk(model)
         if sites is not None and _keeps_model_alive(model, sites):
-            return sites
+            return sites if strict else dataclasses.replace(sites, strict=False)
         entry = _Entry(tree, sites, () if sites is None else _norm_settings(sites))
         with _cache_lock:
             _cache[model] = entry

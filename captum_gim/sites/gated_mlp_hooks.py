@@ -18,6 +18,7 @@ split is meant for is checked against what the module computes:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_gim.config import GIMConfig
-from captum_gim.rules import scale_gradient
+from captum_gim.rules import Lazy, lazy_scale_gradient, scale_gradient
 from captum_gim.sites.discovery import GatedLayout, GatedMLPSite, UnsupportedModuleError
 from captum_gim.sites.gated_mlp import verify_gate_function, verify_product
 
@@ -33,7 +34,7 @@ _FIX = "Pass gate_scale=up_scale=1.0 to keep the exact gradients of gated MLPs."
 
 
 def install_gated_mlp_rule(
-    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
+    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig, strict: bool = True
 ) -> None:
     r"""
     Installs the gated-MLP split on one site; ``stack`` owns its removal.
@@ -42,14 +43,18 @@ def install_gated_mlp_rule(
         stack (contextlib.ExitStack): Receives one removal callback per hook.
         site (GatedMLPSite): The gated MLP.
         config (GIMConfig): The settings (``gate_scale``, ``up_scale``).
+        strict (bool, optional): A projections-layout call whose product check
+                    fails raises :class:`UnsupportedModuleError`; with False it
+                    warns and that call keeps its exact gradients.
+                    Default: True
     """
     if site.layout is GatedLayout.EXPERTS:
         hook = _scale_fused_base_hook(site.name, config.gate_scale, config.up_scale)
         _hook(stack, site.module.get_submodule("act_fn").register_forward_pre_hook(hook))
     elif site.layout is GatedLayout.GATE_FUNCTION:
-        _install_gate_function(stack, site, config)
+        _install_gate_function(stack, site, config, strict)
     else:
-        _install_projections(stack, site, config)
+        _install_projections(stack, site, config, strict)
 
 
 def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
@@ -61,11 +66,11 @@ def _label(site: GatedMLPSite) -> str:
 
 
 def _install_projections(
-    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
+    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig, strict: bool
 ) -> None:
     module, structure = site.module, site.structure
     assert structure is not None
-    seen: dict[str, Tensor] = {}
+    call = _ProjectionCall(site, strict)
     gate: nn.Module = getattr(module, structure.gate)
     scaled: list[tuple[nn.Module, str, float, float | None]]
     if structure.up is None:
@@ -77,15 +82,14 @@ def _install_projections(
             (up, structure.up, config.up_scale, None),
         ]
     for projection, branch, scale, second in scaled:
-        hook = _scale_output_hook(scale, second, seen, branch)
-        _hook(stack, projection.register_forward_hook(hook))
+        _hook(stack, projection.register_forward_hook(call.scale_output(branch, scale, second)))
     activation = getattr(module, structure.activation) if structure.activation else None
     parts = {id(part) for part, *_ in scaled} | {id(activation)}
     for name, child in module.named_children():
         if id(child) not in parts:
-            _hook(stack, child.register_forward_pre_hook(_verify_reader_hook(site, seen, name)))
-    _hook(stack, module.register_forward_pre_hook(lambda *_: seen.clear()))
-    _hook(stack, module.register_forward_hook(_unchecked_product_hook(site, seen)))
+            _hook(stack, child.register_forward_pre_hook(call.verify_reader(name)))
+    _hook(stack, module.register_forward_pre_hook(call.start))
+    _hook(stack, module.register_forward_hook(call.finish))
 
 
 def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor | float:
@@ -97,64 +101,95 @@ def _halves_scale(output: Tensor, gate_scale: float, up_scale: float) -> Tensor 
     return scale
 
 
-def _scale_output_hook(
-    scale: float, second_half_scale: float | None, seen: dict[str, Tensor], branch: str
-) -> Callable[..., Tensor]:
-    """Scales a projection's output gradient; per half when two scales are given.
-    The output is kept in ``seen`` for the product check of its reader."""
+class _ProjectionCall:
+    """The split of one projections-layout gated MLP, settled call by call.
 
-    def hook(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and output.requires_grad:
-            seen[branch] = output
-        if second_half_scale is None:
-            return scale_gradient(output, scale)
-        return scale_gradient(output, _halves_scale(output, scale, second_half_scale))
+    The gate and up outputs get scales that are read in the backward pass. They
+    are settled when the first child called after both projections (the down
+    projection, or a norm or dropout before it) is found to read
+    ``act(gate) * up``: then to the configured scales; otherwise the call
+    raises, or with ``strict=False`` warns and keeps its exact gradients.
+    """
 
-    return hook
+    def __init__(self, site: GatedMLPSite, strict: bool) -> None:
+        structure = site.structure
+        assert structure is not None
+        self.site, self.strict, self.structure = site, strict, structure
+        self.products = structure.products(site.module)
+        self.up_name = structure.gate if structure.up is None else structure.up
+        self.seen: dict[str, Tensor] = {}
+        self.pending: list[tuple[Lazy, Tensor | float]] = []
 
+    def start(self, *_: Any) -> None:
+        self.seen.clear()
+        for lazy, _scale in self.pending:  # left by a call that raised midway
+            lazy.value = 1.0
+        self.pending = []
 
-def _verify_reader_hook(
-    site: GatedMLPSite, seen: dict[str, Tensor], reader: str
-) -> Callable[..., None]:
-    """Checks, before any gradient, that the first child called after the gate
-    and up projections reads act(gate) * up."""
-    structure = site.structure
-    assert structure is not None
-    products = structure.products(site.module)
-    up_name = structure.gate if structure.up is None else structure.up
+    def scale_output(
+        self, branch: str, scale: float, second_half_scale: float | None
+    ) -> Callable[..., Tensor]:
+        """Scales a projection's output gradient (per half when two scales are
+        given) and keeps the output for the product check of its reader."""
 
-    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-        if structure.gate not in seen or up_name not in seen:
-            return
-        gate = seen.pop(structure.gate)
-        up = seen.pop(up_name, gate)
-        if structure.up is None:
-            gate, up = gate.chunk(2, dim=-1)
-        if not args or not isinstance(args[0], Tensor):
-            problem: str | None = (
-                f"its '{reader}' reads no tensor positionally after the gate and up"
+        def hook(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return output
+            self.seen[branch] = output
+            wanted: Tensor | float = scale
+            if second_half_scale is not None:
+                wanted = _halves_scale(output, scale, second_half_scale)
+            lazy = Lazy()
+            self.pending.append((lazy, wanted))
+            return lazy_scale_gradient(output, lazy)
+
+        return hook
+
+    def verify_reader(self, reader: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            structure = self.structure
+            if structure.gate not in self.seen or self.up_name not in self.seen:
+                return
+            gate = self.seen.pop(structure.gate)
+            up = self.seen.pop(self.up_name, gate)
+            if structure.up is None:
+                gate, up = gate.chunk(2, dim=-1)
+            if not args or not isinstance(args[0], Tensor):
+                problem: str | None = (
+                    f"its '{reader}' reads no tensor positionally after the gate and up"
+                )
+            else:
+                problem = verify_product(reader, self.products, gate, up, args[0])
+            self._settle(problem)
+
+        return hook
+
+    def finish(self, *_: Any) -> None:
+        if self.seen:
+            self.seen.clear()
+            self._settle(
+                "no child module reads the product of its gate and up projections, so "
+                "GIM cannot check the product it would split"
             )
-        else:
-            problem = verify_product(reader, products, gate, up, args[0])
+
+    def _settle(self, problem: str | None) -> None:
+        pending, self.pending = self.pending, []
+        for lazy, scale in pending:
+            lazy.value = 1.0 if problem is not None else scale
         if problem is not None:
-            raise UnsupportedModuleError(f"{_label(site)}: {problem}. {_FIX}")
-
-    return hook
+            _refuse(self.site, problem, self.strict)
 
 
-def _unchecked_product_hook(site: GatedMLPSite, seen: dict[str, Tensor]) -> Callable[..., None]:
-    """Refuses a call whose gate and up outputs no child module read afterwards,
-    so that their product could not be checked."""
-
-    def hook(_: nn.Module, __: tuple[Any, ...], ___: Any) -> None:
-        if seen:
-            seen.clear()
-            raise UnsupportedModuleError(
-                f"{_label(site)}: no child module reads the product of its gate and up "
-                f"projections, so GIM cannot check the product it would split. {_FIX}"
-            )
-
-    return hook
+def _refuse(site: GatedMLPSite, problem: str, strict: bool) -> None:
+    """Raises for a call whose product the split cannot be applied to; with
+    ``strict=False`` warns (the caller then keeps that call's exact gradients)."""
+    message = f"{_label(site)}: {problem}."
+    if strict:
+        raise UnsupportedModuleError(f"{message} {_FIX}")
+    warnings.warn(
+        f"GIM rules skip this call of a gated MLP (exact gradients there): {message}",
+        stacklevel=3,
+    )
 
 
 def _parts_scale(
@@ -170,7 +205,7 @@ def _parts_scale(
 
 
 def _install_gate_function(
-    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig
+    stack: contextlib.ExitStack, site: GatedMLPSite, config: GIMConfig, strict: bool
 ) -> None:
     """Scales the gate and up parts of the experts' gating function's input.
 
@@ -195,7 +230,8 @@ def _install_gate_function(
             gate_function, gate_up.detach(), output.detach(), interleaved
         )
         if problem is not None:
-            raise UnsupportedModuleError(f"{_label(site)}: {problem}. {_FIX}")
+            _refuse(site, problem, strict)
+            return gate_function(gate_up)
         return output
 
     def reset(*_: Any) -> None:
@@ -204,9 +240,11 @@ def _install_gate_function(
     def check_called(_: nn.Module, __: tuple[Any, ...], output: Any) -> None:
         used = isinstance(output, Tensor) and output.requires_grad and torch.is_grad_enabled()
         if used and calls[0] == 0:
-            raise UnsupportedModuleError(
-                f"{_label(site)}: its forward does not call its gating function "
-                f"_apply_gate, so GIM cannot split its gated product. {_FIX}"
+            _refuse(
+                site,
+                "its forward does not call its gating function _apply_gate, so GIM "
+                "cannot split its gated product",
+                strict,
             )
 
     stack.enter_context(_instance_attribute(module, "_apply_gate", apply_gate))

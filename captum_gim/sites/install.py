@@ -38,7 +38,7 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
             _hook(stack, norm.module.register_forward_hook(_freeze_norm_hook(norm)))
     if config.mlp_rule_on:
         for mlp in sites.gated_mlps:
-            install_gated_mlp_rule(stack, mlp, config)
+            install_gated_mlp_rule(stack, mlp, config, sites.strict)
     if config.attention_rules_on:
         for _, attention in sites.attentions:
             stack.enter_context(route_attention(attention, config))

@@ -45,6 +45,8 @@ from torch.overrides import TorchFunctionMode
 
 from captum_gim.config import GIMConfig
 from captum_gim.rules import (
+    Lazy,
+    lazy_scale_gradient,
     rule_dtype,
     scale_gradient,
     tempered_attention_backward,
@@ -79,38 +81,12 @@ _PARAMETER_SEARCH_LIMIT = 16
 _SOURCE_NODES = 8
 
 
-class _Lazy:
-    """A rule parameter that is settled when the module's forward returns."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value: float | None = None
-
-    def get(self) -> float:
-        if self.value is None:
-            raise RuntimeError("a GIM attention rule was not settled before the backward pass")
-        return self.value
-
-
-class _LazyScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: _Lazy) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        scale = ctx.scale.get()
-        return (grad if scale == 1.0 else grad * scale), None
-
-
 class _LazyTemperedSoftmax(torch.autograd.Function):
     """The model's own softmax call; rule 1's backward with a settled ``T``."""
 
     @staticmethod
     def forward(
-        ctx: Any, scores: Tensor, call: Callable[[Tensor], Tensor], temperature: _Lazy
+        ctx: Any, scores: Tensor, call: Callable[[Tensor], Tensor], temperature: Lazy
     ) -> Tensor:
         ctx.save_for_backward(scores)
         ctx.temperature = temperature
@@ -168,8 +144,8 @@ class _Product:
     node: Any
     #: The autograd nodes that compute ``q`` and ``k`` (up to their projections).
     sources: frozenset[int] = frozenset()
-    q_scale: _Lazy = field(default_factory=_Lazy)
-    k_scale: _Lazy = field(default_factory=_Lazy)
+    q_scale: Lazy = field(default_factory=Lazy)
+    k_scale: Lazy = field(default_factory=Lazy)
 
 
 @dataclass
@@ -178,7 +154,7 @@ class _Softmax:
 
     node: Any
     product: _Product
-    temperature: _Lazy = field(default_factory=_Lazy)
+    temperature: Lazy = field(default_factory=Lazy)
     complete: bool = False
 
 
@@ -219,8 +195,8 @@ class _AttentionTrace(TorchFunctionMode):
                 self._complete(softmax)
                 return func(*operands.args, **operands.kwargs)
         product = _Product(node=None, sources=_sources(rows) | _sources(columns))
-        operands.replace(0, lambda q: _LazyScale.apply(q, product.q_scale))
-        operands.replace(1, lambda k: _LazyScale.apply(k, product.k_scale))
+        operands.replace(0, lambda q: lazy_scale_gradient(q, product.q_scale))
+        operands.replace(1, lambda k: lazy_scale_gradient(k, product.k_scale))
         output = func(*operands.args, **operands.kwargs)
         product.node = output.grad_fn
         self.products.append(product)
