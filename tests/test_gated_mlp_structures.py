@@ -95,6 +95,16 @@ def assert_split(
     assert float((got - plain).norm() / plain.norm()) > 0.05
 
 
+def swiglu_reference(gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> Callable:
+    """``down(silu(gate(x)) * up(x))`` by hand (no biases), the branches scaled."""
+
+    def forward(x: Tensor) -> Tensor:
+        product = F.silu(scaled(x @ gate.weight.T, GATE)) * scaled(x @ up.weight.T, UP)
+        return product @ down.weight.T
+
+    return forward
+
+
 def routing(experts: int, top_k: int = 2) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(TOKENS, experts, generator=generator)
@@ -361,13 +371,7 @@ def test_qwen2_moe_shared_expert_is_split() -> None:
     config = Qwen2MoeConfig(hidden_size=32, intermediate_size=24)
     torch.manual_seed(0)
     mlp = randomize(Qwen2MoeMLP(config, intermediate_size=16))
-
-    def reference(x: Tensor) -> Tensor:
-        gate = scaled(x @ mlp.gate_proj.weight.T, GATE)
-        up = scaled(x @ mlp.up_proj.weight.T, UP)
-        return (F.silu(gate) * up) @ mlp.down_proj.weight.T
-
-    assert_split(mlp, mlp, reference)
+    assert_split(mlp, mlp, swiglu_reference(mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 
 def test_shared_experts_with_parameter_projections_are_refused_by_name() -> None:
@@ -394,13 +398,7 @@ def lfm2_mlp() -> nn.Module:
 
 def test_lfm2_inline_silu_is_split() -> None:
     mlp = lfm2_mlp()
-
-    def reference(x: Tensor) -> Tensor:
-        gate = scaled(x @ mlp.w1.weight.T, GATE)
-        up = scaled(x @ mlp.w3.weight.T, UP)
-        return (F.silu(gate) * up) @ mlp.w2.weight.T
-
-    assert_split(mlp, mlp, reference)
+    assert_split(mlp, mlp, swiglu_reference(mlp.w1, mlp.w3, mlp.w2))
 
 
 def test_inline_activation_outside_the_known_ones_is_refused() -> None:
