@@ -300,7 +300,8 @@ def test_bitnet_product_is_checked_at_its_sub_norm() -> None:
     assert_split(mlp, mlp, reference)
 
 
-def test_bitnet_with_an_extra_term_before_the_sub_norm_is_refused() -> None:
+def bitnet_with_an_extra_term() -> nn.Module:
+    """BitNet's MLP whose sub-norm reads ``act(gate) * up + 0.5 * up``."""
     mlp = bitnet_mlp()
 
     def forward(x: Tensor) -> Tensor:
@@ -308,6 +309,11 @@ def test_bitnet_with_an_extra_term_before_the_sub_norm_is_refused() -> None:
         return mlp.down_proj(mlp.ffn_sub_norm(mlp.act_fn(mlp.gate_proj(x)) * up + 0.5 * up))
 
     mlp.forward = forward  # type: ignore[method-assign]
+    return mlp
+
+
+def test_bitnet_with_an_extra_term_before_the_sub_norm_is_refused() -> None:
+    mlp = bitnet_with_an_extra_term()
     with pytest.raises(UnsupportedModuleError, match=r"BitNetMLP.*'ffn_sub_norm' differs"):
         gim_gradient(mlp, mlp, hidden())
 
@@ -462,13 +468,7 @@ def test_jetmoe_experts_split_their_halves() -> None:
 
 
 def test_product_check_failing_under_strict_false_warns_and_keeps_exact_gradients() -> None:
-    mlp = bitnet_mlp()
-
-    def forward(x: Tensor) -> Tensor:
-        up = mlp.up_proj(x)
-        return mlp.down_proj(mlp.ffn_sub_norm(mlp.act_fn(mlp.gate_proj(x)) * up + 0.5 * up))
-
-    mlp.forward = forward  # type: ignore[method-assign]
+    mlp = bitnet_with_an_extra_term()
     x = hidden()
     with torch.no_grad():
         expected = mlp(x)

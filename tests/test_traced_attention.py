@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import test_coverage
@@ -95,9 +94,7 @@ def _reference_hooks(model: nn.Module, family: str, config: GIMConfig) -> list:
                 if name.endswith(ending):
                     scale = scales[letter]
                     handles.append(
-                        module.register_forward_hook(
-                            lambda m, a, y, s=scale: _scaled(y, s) if _reads_inputs(a[0]) else y
-                        )
+                        module.register_forward_hook(lambda m, a, y, s=scale: _scaled(y, s))
                     )
         elif name.endswith(spec[0]):
 
@@ -109,25 +106,6 @@ def _reference_hooks(model: nn.Module, family: str, config: GIMConfig) -> list:
             handles.append(module.register_forward_hook(hook))
     assert handles, f"no q/k/v projections found for {family}"
     return handles
-
-
-def _reads_inputs(x: Tensor) -> bool:
-    """True for a tensor computed from the input embeddings (not from parameters alone)."""
-    return x.grad_fn is not None and any(True for _ in _leaves(x.grad_fn))
-
-
-def _leaves(node: object) -> Iterator[Tensor]:
-    """The input-embedding leaves (leaves that are not parameters) below ``node``."""
-    queue, seen = [node], {id(node)}
-    while queue:
-        current = queue.pop()
-        variable = getattr(current, "variable", None)
-        if isinstance(variable, Tensor) and not isinstance(variable, nn.Parameter):
-            yield variable
-        for parent, _ in getattr(current, "next_functions", ()):
-            if parent is not None and id(parent) not in seen:
-                seen.add(id(parent))
-                queue.append(parent)
 
 
 def _embeds(model: nn.Module) -> Tensor:
