@@ -1,5 +1,11 @@
 """Attention computed with plain torch ops (outside AttentionInterface).
 
+The families below computed their attention with plain torch ops when they were
+added; a transformers release may move one onto AttentionInterface (Falcon in
+5.25), so the tests assert what users rely on, whichever route the installed
+transformers takes: the forward unchanged and the attribution equal to the
+reference. The hand-written attentions at the end always take the traced route.
+
 The reference shares no code with captum_gim: the softmax is replaced, for the
 test only, by a surrogate whose derivative is rule 1, and the q/k/v projection
 outputs get rule 3's gradient scales through forward hooks, with each family's
@@ -17,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from captum_gim import GIMConfig, UnsupportedModuleError, gim_rules
-from captum_gim.sites import find_rule_sites
 
 RULES = GIMConfig(temperature=2.0, freeze_norm=False, q_scale=0.25, k_scale=0.4, v_scale=0.5)
 F = nn.functional
@@ -163,8 +168,6 @@ def test_traced_family_equals_the_reference(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build(family, implementation)
-        sites = find_rule_sites(model)
-        assert sites.traced_attentions and not sites.attentions
         x = _embeds(model)
         kind = FAMILIES[family].kind
         with torch.no_grad():
