@@ -31,6 +31,7 @@ from captum_gim.sites.gated_mlp import (
     looks_like_gated_mlp,
     parameter_projections_reason,
 )
+from captum_gim.sites.lens import bridge_problem, lens_gated_structure, lens_norm_form
 from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
 from captum_gim.sites.registry import registered_gated_mlp, registered_norm
 
@@ -115,6 +116,10 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     sites = RuleSites(strict=strict)
     problems: list[str] = []
     modules = list(model.named_modules())
+    bridged = bridge_problem(modules)
+    if bridged is not None:  # TransformerLens 4: no rule at all (sites/lens.py)
+        _report([bridged], strict)
+        return sites
     routed = {name for name, module in modules if _routes_attention(module)}
     covered = routed | {n for n, m in modules if isinstance(m, nn.MultiheadAttention)}
     attention_like = {n for n, m in modules if _looks_like_attention(m)}
@@ -192,6 +197,9 @@ def _norm_site(name: str, module: nn.Module) -> NormSite | str | None:
         return NormSite(name, module, registered)
     if registered is not None:
         return registered
+    lens = lens_norm_form(name, module)
+    if lens is not None:
+        return lens if isinstance(lens, str) else NormSite(name, module, lens)
     if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
         return NormSite(name, module, kind="group")
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -214,6 +222,11 @@ def _gated_mlp_site(name: str, module: nn.Module) -> GatedMLPSite | str | None:
         if callable(getattr(module, "act_fn", None)):
             return GatedMLPSite(name, module, GatedLayout.EXPERTS)
         return None
+    if structure is None:
+        lens = lens_gated_structure(name, module)
+        if isinstance(lens, str):
+            return lens
+        structure = lens
     structure = structure or gated_structure(module)
     if structure is None:
         reason = parameter_projections_reason(module)
