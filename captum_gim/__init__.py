@@ -13,6 +13,8 @@ The public API:
   norm and gated-MLP classes that GIM cannot recognise by itself.
 """
 
+import sys
+
 from captum_gim.attr.gim import GIMAttribution
 from captum_gim.attr.gim_rules import gim_rules
 from captum_gim.attr.layer_gim import LayerGIM
@@ -25,6 +27,9 @@ from captum_gim.sites.registry import register_gated_mlp, register_norm, unregis
 
 # isort: split
 from captum_gim import circuits  # after the names above, which it imports
+
+if "inseq" in sys.modules:  # inseq is imported: register "gim" as its attribution method
+    import captum_gim.integrations.inseq  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ if int(version("transformer-lens").split(".")[0]) < 4:
         allow_module_level=True,
     )
 
-from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
+from transformer_lens.model_bridge import TransformerBridge
 
 TARGET = 3
 

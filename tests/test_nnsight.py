@@ -14,8 +14,8 @@ from captum_gim import GIMAttribution, gim_rules
 
 pytest.importorskip("nnsight", reason="nnsight is not installed (pip install nnsight)")
 
-from nnsight import LanguageModel  # noqa: E402
-from nnsight.modeling.transformers import TransformersModel  # noqa: E402
+from nnsight import LanguageModel
+from nnsight.modeling.transformers import TransformersModel
 
 TARGET = 3
 IDS = torch.tensor([[5, 17, 3, 9, 21, 2, 11, 7]])
