@@ -8,6 +8,7 @@ environment (.ci/run).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -74,3 +75,14 @@ def test_inseq_gim_equals_gim_attribution(setup) -> None:
 def test_inseq_gim_with_every_rule_off_is_input_x_gradient(setup) -> None:
     off = attribute(setup, "gim", config=GIMConfig.all_rules_off())
     assert torch.equal(off, attribute(setup, "input_x_gradient"))
+
+
+def test_readme_inseq_example_runs() -> None:
+    from test_readme import README, compile_block
+
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    namespace: dict = {}
+    exec(compile_block(blocks[0], 0), namespace)  # the quick start: model, tokenizer
+    number = next(i for i, block in enumerate(blocks) if block.startswith("# needs: inseq"))
+    exec(compile_block(blocks[number], number), namespace)
+    assert namespace["explained"].sequence_attributions[0].target_attributions.isfinite().any()
