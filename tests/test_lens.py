@@ -38,6 +38,7 @@ MODELS = {
     "ln_gelu": (dict(normalization_type="LN"), False),
     "ln_pre": (dict(normalization_type="LNPre"), False),
     "ln_folded": (dict(normalization_type="LN"), True),
+    "ln_solu": (dict(normalization_type="LN", act_fn="solu_ln"), False),
     "rms_swiglu_rotary": (
         dict(normalization_type="RMS", gated_mlp=True, act_fn="silu", rotary=True),
         False,
