@@ -53,6 +53,15 @@ MODELS = {
         True,
     ),
     "rms_qk_norm": (dict(normalization_type="RMS", use_qk_norm=True, rotary=True), False),
+    "gpt_oss_moe": (
+        dict(
+            normalization_type="RMS",
+            num_experts=4,
+            experts_per_token=2,
+            original_architecture="GptOssForCausalLM",
+        ),
+        False,
+    ),
     "moe": (
         dict(normalization_type="RMS", act_fn="silu", num_experts=4, experts_per_token=2),
         False,

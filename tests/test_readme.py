@@ -40,7 +40,9 @@ def test_readme_python_examples_run(capsys) -> None:
     for number, block in enumerate(blocks):
         missing = missing_requirement(block)
         if missing is not None:
-            warnings.warn(f"README example skipped: {missing}: {block.splitlines()[1]}", stacklevel=1)
+            warnings.warn(
+                f"README example skipped: {missing}: {block.splitlines()[1]}", stacklevel=1
+            )
             continue
         exec(compile_block(block, number), namespace)
     printed = capsys.readouterr().out

@@ -14,7 +14,8 @@ user's hooks):
 - its gated MLPs multiply parameters directly (``x @ W_gate``, ``x @ W_in``)
   and pass the two branches through hook points (``GatedMLP``: ``hook_pre`` is
   the gate, ``hook_pre_linear`` the up branch; the experts of its ``MoE``:
-  ``hook_gate`` and ``hook_pre``) before the product reaches ``hook_post``.
+  ``hook_gate`` and ``hook_pre``; gpt-oss's experts gate with a clamped SwiGLU
+  whose constants their module defines) before the product reaches ``hook_post``.
   The split scales the two hook points' outputs, and on every call the input of
   ``hook_post`` is checked to be ``act(gate) * up`` (plus ``GatedMLP``'s
   ``b_in``), so a module that computes something else is refused;
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from captum_gim.sites.gated_mlp import GatedStructure
+from captum_gim.sites.gated_mlp import ClampedSwiGLU, GatedStructure
 from captum_gim.sites.norms import NormForm, norm_form
 
 #: (gate, up) hook points of TransformerLens's gated MLPs, in the order tried.
@@ -191,8 +192,9 @@ def lens_gated_structure(name: str, module: nn.Module) -> LensGatedStructure | s
     for gate, up in GATED_HOOKS:
         if all(isinstance(getattr(module, part, None), hook_point) for part in (gate, up)):
             activation = "act_fn" if callable(getattr(module, "act_fn", None)) else None
+            clamped = None if activation is not None else _module_clamped_swiglu(module)
             added = "b_in" if isinstance(module._parameters.get("b_in"), Tensor) else None
-            return LensGatedStructure(gate, up, PRODUCT_HOOK, activation, added=added)
+            return LensGatedStructure(gate, up, PRODUCT_HOOK, activation, clamped, added=added)
     if hasattr(module, "W_gate") and not _is_router(module):
         return (
             f"'{name}' ({type(module).__name__}) is a TransformerLens gated MLP whose gate "
@@ -200,6 +202,22 @@ def lens_gated_structure(name: str, module: nn.Module) -> LensGatedStructure | s
             f"({', '.join(' / '.join(pair) for pair in GATED_HOOKS)}), so GIM cannot split it"
         )
     return None
+
+
+def _module_clamped_swiglu(module: nn.Module) -> ClampedSwiGLU | None:
+    """The clamped SwiGLU of an expert whose alpha and limit are constants of its
+    class's module (TransformerLens's GptOssExpert: ``GPT_OSS_ALPHA``,
+    ``GPT_OSS_LIMIT``); the per-call product check confirms it."""
+    constants = vars(sys.modules[type(module).__module__])
+    alpha = [v for k, v in constants.items() if k.endswith("_ALPHA") and _is_number(v)]
+    limit = [v for k, v in constants.items() if k.endswith("_LIMIT") and _is_number(v)]
+    if len(alpha) != 1 or len(limit) != 1:
+        return None
+    return ClampedSwiGLU(float(alpha[0]), float(limit[0]))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_router(module: nn.Module) -> bool:
