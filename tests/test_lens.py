@@ -270,3 +270,13 @@ def test_gated_mlp_computing_another_product_is_refused_by_name() -> None:
     x = embeddings(model)
     with pytest.raises(UnsupportedModuleError, match=r"blocks\.0\.mlp.*_DoubledGatedMLP"):
         GIMAttribution(forward_of(model), model).attribute(x, target=TARGET)
+
+
+@pytest.mark.parametrize("name", ["ln_gelu", "rms_swiglu_rotary"])
+def test_bfloat16_hooked_transformer_is_close_to_the_float32_reference(name) -> None:
+    model, reference_model = build(name), build(name)
+    model.cfg.dtype = torch.bfloat16
+    model.to(torch.bfloat16)
+    x = embeddings(reference_model)
+    got = GIMAttribution(forward_of(model), model).attribute(x.bfloat16(), target=TARGET)
+    assert relative_error(got.float(), reference(reference_model, x, GIMConfig())) < 0.05

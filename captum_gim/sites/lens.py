@@ -42,6 +42,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from captum_gim.sites.gated_mlp import ClampedSwiGLU, GatedStructure
@@ -141,7 +142,8 @@ class _NormView(nn.Module):
     """A TransformerLens norm as :func:`~captum_gim.sites.norms.norm_form` probes
     norms: parameters ``weight`` / ``bias`` (shapes only), the norm's settings,
     and a forward that runs the norm's own forward with identities for its hook
-    points, on whatever parameters the view holds (the probe's random ones)."""
+    points, on whatever parameters the view holds (the probe's random ones), in
+    float32 whatever the model's dtype."""
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
@@ -166,6 +168,11 @@ class _NormView(nn.Module):
             if theirs in norm._parameters
         }
         inner._modules = {child: nn.Identity() for child in norm._modules}
+        config = norm.__dict__.get("cfg")
+        if getattr(config, "dtype", torch.float32) != torch.float32:  # the probe runs in float32
+            float_config = copy.copy(config)
+            float_config.dtype = torch.float32
+            inner.__dict__["cfg"] = float_config
         result: Tensor = type(norm).forward(inner, x)
         return result
 
