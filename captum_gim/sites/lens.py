@@ -41,6 +41,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +169,7 @@ class _NormView(nn.Module):
             if theirs in norm._parameters
         }
         inner._modules = {child: nn.Identity() for child in norm._modules}
-        config = norm.__dict__.get("cfg")
+        config: Any = norm.__dict__.get("cfg")
         if getattr(config, "dtype", torch.float32) != torch.float32:  # the probe runs in float32
             float_config = copy.copy(config)
             float_config.dtype = torch.float32
