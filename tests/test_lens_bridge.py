@@ -1,16 +1,15 @@
-"""TransformerLens 4's TransformerBridge is refused by name, and so is the Hugging
-Face model a bridge has booted (the bridge replaces its modules in place); with
-strict=False no rule is applied to either, so nothing is scaled twice.
+"""TransformerLens's TransformerBridge (3.x and 4.x) is refused by name, and so is
+the Hugging Face model a bridge has booted (the bridge replaces its modules in
+place); with strict=False no rule is applied to either, so nothing is scaled twice.
 
 TransformerLens 4 removed HookedTransformer, so it cannot share an environment
-with tests/test_lens.py: CI runs this file in a second virtual environment
-(.ci/run).
+with tests/test_lens.py: CI runs this file with TransformerLens 3 in its main
+environment and with TransformerLens 4.3 in a second one (.ci/run).
 """
 
 from __future__ import annotations
 
 import warnings
-from importlib.metadata import version
 
 import pytest
 import torch
@@ -22,14 +21,10 @@ from captum_gim import GIMAttribution, LayerGIM, UnsupportedModuleError, gim_rul
 pytest.importorskip(
     "transformer_lens", reason="TransformerLens is not installed (pip install captum_gim[lens])"
 )
-if int(version("transformer-lens").split(".")[0]) < 4:
-    pytest.skip(
-        "TransformerBridge needs TransformerLens 4, which cannot share an environment with "
-        "the HookedTransformer tests (3.x); .ci/run runs this file in a second venv",
-        allow_module_level=True,
-    )
-
-from transformer_lens.model_bridge import TransformerBridge
+bridge = pytest.importorskip(
+    "transformer_lens.model_bridge", reason="this TransformerLens has no TransformerBridge"
+)
+TransformerBridge = bridge.TransformerBridge
 
 TARGET = 3
 

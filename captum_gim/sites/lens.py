@@ -22,7 +22,7 @@ user's hooks):
 - its attention modules compute ``softmax(q k^T) v`` with torch ops and are
   read by :mod:`~captum_gim.sites.traced_attention`, needing nothing here.
 
-TransformerLens 4's ``TransformerBridge`` replaces the modules of the Hugging
+TransformerLens's ``TransformerBridge`` (3.x and 4.x) replaces the modules of the Hugging
 Face model it boots, in place, by bridge components that compute attention and
 normalization themselves and pass attributes of the original modules through.
 GIM cannot place every rule on it exactly, so a model holding bridge
@@ -53,7 +53,7 @@ from captum_gim.sites.norms import NormForm, norm_form
 GATED_HOOKS = (("hook_pre", "hook_pre_linear"), ("hook_gate", "hook_pre"))
 #: The hook point that receives the gated product.
 PRODUCT_HOOK = "hook_post"
-#: Where TransformerLens 4 keeps its bridge components.
+#: Where TransformerLens (3.x and 4.x) keeps its bridge components.
 BRIDGE_PACKAGE = "transformer_lens.model_bridge"
 
 
@@ -239,7 +239,7 @@ def bridge_problem(modules: list[tuple[str, nn.Module]]) -> str | None:
         modules (list[tuple[str, nn.Module]]): ``list(model.named_modules())``.
 
     Returns:
-        *str or None*: why a model holding TransformerLens 4 bridge components
+        *str or None*: why a model holding TransformerLens bridge components
         is refused, naming the first, or None when it holds none.
     """
     bridged = [(name or "<model>", m) for name, m in modules if _is_bridge_component(m)]
