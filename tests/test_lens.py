@@ -119,7 +119,9 @@ def forward_of(model: HookedTransformer):
     return lambda x: model(x, start_at_layer=0)[:, -1]
 
 
-def reference(model: HookedTransformer, x: torch.Tensor, config: GIMConfig) -> torch.Tensor:
+def reference(
+    model: HookedTransformer, x: torch.Tensor, config: GIMConfig, forward=None
+) -> torch.Tensor:
     """GIM written on TransformerLens's hook points, not with captum_gim."""
     temperature = config.temperature or 1.0
     scores: dict[str, torch.Tensor] = {}
@@ -160,7 +162,7 @@ def reference(model: HookedTransformer, x: torch.Tensor, config: GIMConfig) -> t
         ]
     x = x.clone().requires_grad_()
     with model.hooks(fwd_hooks=hooks):
-        score = forward_of(model)(x)[:, TARGET].sum()
+        score = (forward or forward_of(model))(x)[:, TARGET].sum()
     (gradient,) = torch.autograd.grad(score, x)
     return x.detach() * gradient
 
@@ -183,6 +185,40 @@ def test_hooked_transformer_gets_each_rule_exactly(model, rule) -> None:
     assert relative_error(reference(model, x, GIMConfig.all_rules_off()), want) > 1e-3 or (
         rule == "gated" and not model.cfg.gated_mlp and not model.cfg.num_experts
     )
+
+
+def test_hooked_encoder_gets_every_rule_exactly() -> None:
+    """TransformerLens's BERT (embedding LayerNorm, bidirectional attention), by LayerGIM."""
+    from transformer_lens import HookedEncoder
+
+    from captum_gim import LayerGIM
+
+    torch.manual_seed(0)
+    config = HookedTransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=48, d_vocab=50, n_ctx=32,
+        act_fn="gelu", attention_dir="bidirectional", normalization_type="LN", seed=0,
+    )  # fmt: skip
+    encoder = HookedEncoder(config).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in encoder.named_parameters():
+            parameter.copy_(parameter_name.endswith(".w") + 0.2 * torch.randn_like(parameter))
+    tokens = torch.tensor([[5, 17, 3, 9, 21, 2, 11, 7]])
+    embedded = encoder.embed(tokens).detach()
+
+    def from_embeddings(e):  # the encoder's forward after its embedding
+        def replace(_, __, ___):
+            return e
+
+        handle = encoder.embed.register_forward_hook(replace)
+        try:
+            return encoder(tokens)[:, 0]
+        finally:
+            handle.remove()
+
+    want = reference(encoder, embedded, GIMConfig(), forward=from_embeddings)
+    gim = LayerGIM(lambda ids: encoder(ids)[:, 0], encoder.embed, encoder)
+    got = gim.attribute(tokens, target=TARGET)
+    assert relative_error(got, want) < 1e-5
 
 
 def test_forward_unchanged_and_no_hook_left(model) -> None:
