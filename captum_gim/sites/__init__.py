@@ -4,6 +4,8 @@
   gated MLPs of a model (:func:`find_rule_sites`), or names what it cannot reach;
 - :mod:`~captum_gim.sites.attention`: routes attention modules through the GIM
   attention function of transformers' AttentionInterface;
+- :mod:`~captum_gim.sites.lens`: TransformerLens's norms and gated MLPs, and
+  its refused TransformerBridge;
 - :mod:`~captum_gim.sites.install`: installs one hook per rule and site;
 - :mod:`~captum_gim.sites.checks`, :mod:`~captum_gim.sites.compiled` and
   :mod:`~captum_gim.sites.exclusive`: what is checked and set aside around that.
