@@ -195,7 +195,10 @@ def lens_gated_structure(name: str, module: nn.Module) -> LensGatedStructure | s
     hook_point = hook_point_class()
     if hook_point is None or not isinstance(getattr(module, PRODUCT_HOOK, None), hook_point):
         return None
-    if isinstance(getattr(module, "hook_mid", None), hook_point) and module.ln is not None:
+    if (
+        isinstance(getattr(module, "hook_mid", None), hook_point)
+        and getattr(module, "ln", None) is not None
+    ):
         return None  # an activation followed by a norm (SoLU-LN): no gated product
     for gate, up in GATED_HOOKS:
         if all(isinstance(getattr(module, part, None), hook_point) for part in (gate, up)):
