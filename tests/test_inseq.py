@@ -86,3 +86,12 @@ def test_readme_inseq_example_runs() -> None:
     number = next(i for i, block in enumerate(blocks) if block.startswith("# needs: inseq"))
     exec(compile_block(blocks[number], number), namespace)
     assert namespace["explained"].sequence_attributions[0].target_attributions.isfinite().any()
+
+
+@pytest.mark.slow
+def test_importing_captum_gim_after_inseq_registers_gim() -> None:
+    import subprocess
+    import sys
+
+    code = "import inseq, captum_gim; assert 'gim' in inseq.list_feature_attribution_methods()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
