@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +48,13 @@ import torch
 
 from captum_gim import __version__
 from captum_gim._quiet import quiet_transformers
-from captum_gim.explain import SCORES, Explanation, explain
+from captum_gim.attr.targets import TargetError, check_text_target
+from captum_gim.baselines import BASELINES, DEFAULT_BASELINES
+from captum_gim.explain import Explanation, explain
 from captum_gim.forwards import TASKS, detect_task
+from captum_gim.scores import SCORES
 from captum_gim.sites.discovery import UnsupportedModuleError
-from captum_gim.text import format_table
+from captum_gim.text import format_table, format_value
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -152,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="for --task similarity: the text whose similarity with the prompt is explained",
     )
-    _common_arguments(explain_, default_out=None)
+    _common_arguments(explain_, default_out=None, demo=False)
     explain_.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -175,18 +180,29 @@ def _parser() -> argparse.ArgumentParser:
         default=DEMO_PROMPT,
         help=f"the prompt text (default: {DEMO_PROMPT!r})",
     )
-    _common_arguments(demo, default_out=Path("demo.png"))
+    _common_arguments(demo, default_out=Path("demo.png"), demo=True)
     return parser
 
 
-def _common_arguments(parser: argparse.ArgumentParser, default_out: Path | None) -> None:
+EXPLAIN_TARGET_HELP = (
+    "generate: the continuation to explain (default: the greedy next token), tokenized "
+    "without special tokens, so include its leading space for BPE tokenizers, e.g. "
+    "' Paris'; classify: a label name or index (default: the predicted label); not "
+    "used with similarity"
+)
+DEMO_TARGET_HELP = (
+    "the word(s) to explain after the prompt, e.g. 'negative' (default: the bundled "
+    "model's greedy next token)"
+)
+
+
+def _common_arguments(
+    parser: argparse.ArgumentParser, default_out: Path | None, demo: bool
+) -> None:
+    """The options of ``explain`` and ``demo``; ``demo`` only generates, so its help
+    leaves out what applies to classifiers and encoders."""
     parser.add_argument(
-        "--target",
-        default=None,
-        help="generate: the continuation to explain, token by token (default: the "
-        "greedy next token), tokenized without special tokens, so include its leading "
-        "space for BPE tokenizers, e.g. ' Paris'; classify: a label name or index "
-        "(default: the predicted label)",
+        "--target", default=None, help=DEMO_TARGET_HELP if demo else EXPLAIN_TARGET_HELP
     )
     parser.add_argument(
         "--out",
@@ -199,8 +215,21 @@ def _common_arguments(parser: argparse.ArgumentParser, default_out: Path | None)
     parser.add_argument(
         "--score",
         choices=SCORES,
-        default="logit",
-        help="explain the logit (default) or the log-probability of each target token or label",
+        default=None,
+        help="explain the logit (default) or the log-probability of each target token"
+        + ("" if demo else " or label (not with --task similarity, whose score is the cosine)"),
+    )
+    defaults = ", ".join(f"{task}: {name}" for task, name in DEFAULT_BASELINES.items())
+    if demo:
+        defaults = DEFAULT_BASELINES["generate"]
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="|".join((*BASELINES, "TOKEN")),
+        help="what each prompt token is compared with: zero embeddings, the tokenizer's "
+        "mask or pad token, or any TOKEN of the vocabulary, at every position but the "
+        "special tokens; a positive score means the token raises the explained value "
+        f"compared with the baseline (default: {defaults})",
     )
     parser.add_argument(
         "--dtype",
@@ -241,29 +270,63 @@ def _run_explain(args: argparse.Namespace) -> None:
     model = _load_model(args.model, task, architectures, args)
     try:
         explanation = explain(
-            model, tokenizer, prompt_ids, target, task=task, query_ids=query_ids, score=args.score
+            model,
+            tokenizer,
+            prompt_ids,
+            target,
+            task=task,
+            query_ids=query_ids,
+            score=args.score,
+            baselines=_baseline_argument(args.baseline),
         )
     except (ValueError, UnsupportedModuleError) as error:
         raise UserError(_one_line(error)) from error
+    if task == "similarity":  # the query as the user typed it, not as decoded
+        explanation = replace(explanation, target_text=args.query)
     print(_describe(explanation))
     print(_table(explanation))
     if args.out is not None:
-        _write(explanation, args.out, model_name=str(args.model), prompt=args.prompt)
+        try:
+            _write(explanation, args.out, model_name=str(args.model), prompt=args.prompt)
+        except OSError as error:
+            raise UserError(f"cannot write {str(args.out)!r}: {_one_line(error)}") from error
         print(f"wrote {args.out}")
+
+
+def _baseline_argument(value: str | None) -> str | int | None:
+    """``--baseline``: a name or token; a number is a token id."""
+    if value is not None and value.strip().isdigit():
+        return int(value)
+    return value
 
 
 # --------------------------------------------------------------------------- checks
 
 
 def _check_out(out: Path | None) -> None:
+    """Refuses, before anything is computed, an output that could not be written."""
     if out is None:
         return
+    if out.is_dir():
+        raise UserError(f"cannot write {str(out)!r}: it is a directory; give a file name")
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(
             f"cannot write {str(out)!r}: use one of the suffixes {', '.join(OUTPUT_SUFFIXES)}"
         )
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {str(out)!r}: {str(parent)!r} {what}")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"cannot write {str(out)!r}: the file is not writable")
+    try:  # the only sure test that a file can be created there
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".captum-gim-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write {str(out)!r}: directory {str(parent)!r} is not writable "
+            f"({error.strerror or type(error).__name__})"
+        ) from error
 
 
 def _check_device(name: str) -> None:
@@ -273,6 +336,11 @@ def _check_device(name: str) -> None:
         raise UserError(
             f"--device {name}: not a torch device ({_one_line(error)}); use cpu, cuda or cuda:0"
         ) from error
+    if device.type == "meta":
+        raise UserError(
+            f"--device {name}: meta tensors hold no values, so nothing can be explained; "
+            "use --device cpu or cuda"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "built without CUDA" if torch.version.cuda is None else "finds no GPU"
         raise UserError(
@@ -287,6 +355,12 @@ def _check_device(name: str) -> None:
             )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type not in ("cpu", "cuda", "mps") and not (callable(available) and available()):
+        raise UserError(
+            f"--device {name}: no {device.type} device is available here; use --device cpu"
+        )
 
 
 def _check_model_dir(path: Path, allow_pickle: bool) -> None:
@@ -328,6 +402,11 @@ def _check_task_arguments(args: argparse.Namespace, task: str, architectures: li
             "--target is not used with --task similarity: the explained score is the "
             "cosine similarity of --prompt with --query"
         )
+    if task == "similarity" and args.score is not None:
+        raise UserError(
+            f"--score {args.score} is not used with --task similarity: the explained score "
+            "is the cosine similarity of --prompt with --query"
+        )
     if task != "similarity" and args.query is not None:
         raise UserError(f"--query is only used with --task similarity, not with --task {task}")
 
@@ -341,22 +420,10 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> list[in
 
 
 def _encode_target(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise UserError(f"the target {text!r} tokenizes to no tokens; give some text")
-    unk = tokenizer.unk_token_id
-    if unk is not None and unk in ids:
-        unknown = [
-            word
-            for word in text.split()
-            if unk in tokenizer(word, add_special_tokens=False)["input_ids"]
-        ]
-        words = ", ".join(repr(w) for w in unknown) if unknown else repr(text)
-        raise UserError(
-            f"the target {text!r} has words the tokenizer does not know ({words} would be "
-            f"{tokenizer.unk_token}); use words of the model's vocabulary"
-        )
-    return ids
+    try:
+        return check_text_target(tokenizer, text)
+    except TargetError as error:
+        raise UserError(str(error).rstrip(".")) from error
 
 
 # --------------------------------------------------------------------------- loading
@@ -458,7 +525,20 @@ def _describe(explanation: Explanation) -> str:
             f"the {explanation.score} of the target {explanation.target_text!r} "
             f"({len(explanation.target_ids)} token(s))"
         )
-    return f"GIM attributions of {what} to the prompt tokens:"
+    lines = [
+        f"GIM attributions of {what} to the prompt tokens, against the {explanation.baseline}."
+    ]
+    if explanation.values:
+        value, base = sum(explanation.values), sum(explanation.baseline_values)
+        name = "cosine" if explanation.task == "similarity" else explanation.score
+        if len(explanation.values) > 1:
+            name += " summed over the target tokens"
+        lines.append(
+            f"{name}: {format_value(value)} at the prompt, {format_value(base)} at the "
+            f"baseline (difference {format_value(value - base)}); the attributions sum to "
+            f"{format_value(float(explanation.scores.sum()))}."
+        )
+    return "\n".join(lines)
 
 
 def _table(explanation: Explanation) -> str:
@@ -470,7 +550,7 @@ def _table(explanation: Explanation) -> str:
     rows = [
         [i, token, *row] for i, (token, row) in enumerate(zip(explanation.prompt_tokens, values))
     ]
-    return format_table(["#", "token", *columns], rows)
+    return format_table(["#", "token", *columns], rows, significant=True)
 
 
 def _title(explanation: Explanation) -> str:
@@ -521,6 +601,9 @@ def _as_json(explanation: Explanation, model_name: str, prompt: str) -> dict[str
         "model": model_name,
         "prompt": prompt,
         "score": explanation.score,
+        "baseline": explanation.baseline,
+        "values": list(explanation.values),
+        "baseline_values": list(explanation.baseline_values),
         "tokens": explanation.prompt_tokens,
         "scores": explanation.scores.tolist(),
         "target": explanation.target_text,

@@ -26,8 +26,10 @@ from torch import Tensor, nn
 
 from captum_gim.attr.gim import GIMAttribution
 from captum_gim.attr.targets import per_example_targets
+from captum_gim.baselines import baseline_embeddings, resolve_baseline
 from captum_gim.config import GIMConfig
 from captum_gim.forwards import label_index, logits_forward, task_forward
+from captum_gim.scores import resolve_score
 from captum_gim.text import format_table, readable_tokens
 
 if TYPE_CHECKING:
@@ -228,9 +230,11 @@ def compare(
     query_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     gim: bool | GIMConfig = True,
-    log_probs: bool = False,
+    log_probs: bool | None = None,
     layer: nn.Module | None = None,
     attribute_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    score: str | None = None,
+    baselines: str | int | Tensor | None = None,
 ) -> ComparisonResult:
     r"""
     Explains a model's output with GIM and with Captum's attribution methods, on the
@@ -252,7 +256,8 @@ def compare(
     forward function, e.g. ``logits_forward(model)``; this is how to pass wrappers such
     as ``NoiseTunnel``.
     ``attribute`` gets the inputs, ``target``, ``additional_forward_args=
-    (attention_mask,)`` when a mask is given, and the method's ``attribute_kwargs``.
+    (attention_mask,)`` when a mask is given, ``baselines`` when given and the method
+    takes them (see below), and the method's ``attribute_kwargs``.
 
     Args:
         model (nn.Module): A causal language model (a transformers
@@ -286,15 +291,28 @@ def compare(
         gim (bool or GIMConfig, optional): Run GIM first, as the method ``"GIM"``;
                     a :class:`GIMConfig` sets its rules, False leaves it out.
                     Default: True
-        log_probs (bool, optional): Explain the log-probability of the target token
-                    or label instead of its logit.
-                    Default: False
+        log_probs (bool, optional): Deprecated spelling of ``score="log-prob"``
+                    (a ``DeprecationWarning``; removed in the next release).
+                    Default: None
         layer (nn.Module, optional): The layer of the layer methods. None means
                     ``model.get_input_embeddings()``.
                     Default: None
         attribute_kwargs (Mapping[str, Mapping[str, Any]], optional): Extra keyword
                     arguments of ``attribute`` by method name, e.g.
                     ``{"IntegratedGradients": {"n_steps": 32}}``.
+                    Default: None
+        score (str, optional): Explain the ``"logit"`` or the ``"log-prob"`` of the
+                    target token or label (not for ``"similarity"``).
+                    Default: ``"logit"``
+        baselines (str, int or Tensor, optional): The baseline of GIM and of every
+                    method on the input embeddings whose ``attribute`` takes
+                    ``baselines`` (``IntegratedGradients``, ``GradientShap``,
+                    ``DeepLift``, ...): ``"zero"``, ``"mask"``, ``"pad"``, a token or
+                    token id (``tokens`` must then be the tokenizer; special tokens
+                    keep their embeddings, see :mod:`captum_gim.baselines`), or
+                    baseline embeddings ``batch x tokens x hidden``. None keeps each
+                    method's own default (zero for GIM). Layer methods keep theirs;
+                    pass them in ``attribute_kwargs``.
                     Default: None
 
     Returns:
@@ -327,7 +345,10 @@ def compare(
         )
     token_rows = _token_strings(tokens, input_ids)
     layer = model.get_input_embeddings() if layer is None else layer
-    forward = task_forward(model, task, log_probs=log_probs, query_ids=query_ids)
+    if task == "similarity" and (score is not None or log_probs is not None):
+        raise ValueError("score does not apply to task='similarity' (a cosine similarity).")
+    score = resolve_score(score, log_probs=log_probs, where="compare")
+    forward = task_forward(model, task, score=score, query_ids=query_ids)
     extra_args = None if attention_mask is None else (attention_mask,)
     targets: list[int | None]
     if task == "similarity":
@@ -361,17 +382,22 @@ def compare(
         )
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids)
+    base = _baseline_embeddings(model, tokens, input_ids, baselines, embeds, task)
     embeds.requires_grad_()  # a leaf that every method differentiates, without warnings
     attributions, seconds = {}, {}
     for name, method in runs.items():
         start = time.perf_counter()
         built = _build(name, method, forward, model, layer)
-        inputs = input_ids if isinstance(built, LayerAttribution) else embeds
+        layered = isinstance(built, LayerAttribution)
+        inputs = input_ids if layered else embeds
+        method_kwargs = dict(kwargs.get(name, {}))
+        if base is not None and not layered and _takes_baselines(built):
+            method_kwargs.setdefault("baselines", base)
         result = built.attribute(
             inputs,
             target=target,
             additional_forward_args=extra_args,
-            **kwargs.get(name, {}),
+            **method_kwargs,
         )
         seconds[name] = time.perf_counter() - start
         attributions[name] = _single_tensor(name, result).detach()
@@ -383,6 +409,37 @@ def compare(
         target=targets,
         attention_mask=mask,
     )
+
+
+def _baseline_embeddings(
+    model: nn.Module,
+    tokens: Any,
+    input_ids: Tensor,
+    baselines: str | int | Tensor | None,
+    embeds: Tensor,
+    task: str,
+) -> Tensor | None:
+    if baselines is None:
+        return None
+    if isinstance(baselines, Tensor):
+        if baselines.shape != embeds.shape:
+            raise ValueError(
+                f"baselines has shape {tuple(baselines.shape)} but the input embeddings "
+                f"have shape {tuple(embeds.shape)}; pass one baseline embedding per token."
+            )
+        return baselines.to(embeds)
+    if not hasattr(tokens, "convert_ids_to_tokens"):
+        raise TypeError(
+            f"baselines={baselines!r} names a token, so compare needs the tokenizer as "
+            "tokens; or pass baseline embeddings as a tensor."
+        )
+    baseline = resolve_baseline(tokens, baselines, task)
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    return baseline_embeddings(embedding, tokens, input_ids, baseline)
+
+
+def _takes_baselines(method: Attribution) -> bool:
+    return "baselines" in inspect.signature(method.attribute).parameters
 
 
 def _as_batch(input_ids: Tensor) -> Tensor:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_gim.scores import resolve_score
+
 __all__ = [
     "TASKS",
     "classifier_forward",
@@ -44,7 +46,11 @@ def _call(model: nn.Module, inputs: Tensor, attention_mask: Tensor | None) -> An
 
 
 def logits_forward(
-    model: nn.Module, position: int = -1, log_probs: bool = False
+    model: nn.Module,
+    position: int = -1,
+    log_probs: bool | None = None,
+    *,
+    score: str | None = None,
 ) -> Callable[..., Tensor]:
     r"""
     A forward function for Captum from input embeddings or token ids to the logits of
@@ -61,9 +67,12 @@ def logits_forward(
                     transformers ``...ForCausalLM``) or is the logits tensor.
         position (int, optional): The position whose next-token logits are returned.
                     Default: -1
-        log_probs (bool, optional): Return log-probabilities (``log_softmax`` of the
-                    logits) instead of logits.
-                    Default: False
+        log_probs (bool, optional): Deprecated spelling of ``score="log-prob"``
+                    (a ``DeprecationWarning``; removed in the next release).
+                    Default: None
+        score (str, optional): ``"logit"`` returns the logits, ``"log-prob"`` the
+                    log-probabilities (``log_softmax`` of the logits).
+                    Default: ``"logit"``
 
     Returns:
         *Callable*:
@@ -82,6 +91,8 @@ def logits_forward(
         >>> scores = saliency.attribute(embeds, target=5).sum(-1)
     """
 
+    log_prob = resolve_score(score, log_probs=log_probs, where="logits_forward") == "log-prob"
+
     def forward(inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         output = _call(model, inputs, attention_mask)
         logits = output.logits if hasattr(output, "logits") else output
@@ -90,7 +101,7 @@ def logits_forward(
             logits = logits[rows, _last_real_positions(attention_mask)]
         else:
             logits = logits[:, position]
-        return torch.log_softmax(logits, dim=-1) if log_probs else logits
+        return torch.log_softmax(logits, dim=-1) if log_prob else logits
 
     return forward
 
@@ -101,7 +112,9 @@ def _last_real_positions(attention_mask: Tensor) -> Tensor:
     return length - 1 - attention_mask.flip(1).to(torch.long).argmax(dim=1)
 
 
-def classifier_forward(model: nn.Module, log_probs: bool = False) -> Callable[..., Tensor]:
+def classifier_forward(
+    model: nn.Module, log_probs: bool | None = None, *, score: str | None = None
+) -> Callable[..., Tensor]:
     r"""
     A forward function for Captum from input embeddings or token ids to the class logits
     of a sequence classifier (``AutoModelForSequenceClassification``).
@@ -109,9 +122,11 @@ def classifier_forward(model: nn.Module, log_probs: bool = False) -> Callable[..
     Args:
         model (nn.Module): A classifier whose output has ``.logits`` of shape
                     ``batch x labels``.
-        log_probs (bool, optional): Return log-probabilities of the classes instead of
-                    logits.
-                    Default: False
+        log_probs (bool, optional): Deprecated spelling of ``score="log-prob"``.
+                    Default: None
+        score (str, optional): ``"logit"`` returns the class logits, ``"log-prob"``
+                    their log-probabilities.
+                    Default: ``"logit"``
 
     Returns:
         *Callable*:
@@ -124,9 +139,11 @@ def classifier_forward(model: nn.Module, log_probs: bool = False) -> Callable[..
         >>> scores = GIMAttribution(forward, classifier).attribute(embeds, target=1)
     """
 
+    log_prob = resolve_score(score, log_probs=log_probs, where="classifier_forward") == "log-prob"
+
     def forward(inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         logits = _call(model, inputs, attention_mask).logits
-        return torch.log_softmax(logits, dim=-1) if log_probs else logits
+        return torch.log_softmax(logits, dim=-1) if log_prob else logits
 
     return forward
 
@@ -203,21 +220,22 @@ def task_forward(
     model: nn.Module,
     task: str,
     *,
-    log_probs: bool = False,
+    score: str = "logit",
     query_ids: Tensor | None = None,
 ) -> Callable[..., Tensor]:
     r"""
     The forward function of a task: :func:`logits_forward` for ``"generate"``,
     :func:`classifier_forward` for ``"classify"`` and :func:`similarity_forward` (which
-    needs ``query_ids``) for ``"similarity"``.
+    needs ``query_ids``) for ``"similarity"``. ``score`` (``"logit"`` or
+    ``"log-prob"``) applies to the first two; a similarity is always the cosine.
 
     Returns:
         *Callable*: ``forward(inputs, attention_mask=None)``.
     """
     if task == "generate":
-        return logits_forward(model, log_probs=log_probs)
+        return logits_forward(model, score=score)
     if task == "classify":
-        return classifier_forward(model, log_probs=log_probs)
+        return classifier_forward(model, score=score)
     if task == "similarity":
         if query_ids is None:
             raise ValueError(

@@ -19,7 +19,14 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["cell_width", "display_token", "format_table", "readable_tokens", "shorten"]
+__all__ = [
+    "cell_width",
+    "display_token",
+    "format_table",
+    "format_value",
+    "readable_tokens",
+    "shorten",
+]
 
 # Subword markers of byte-level BPE (GPT-2, Llama 3, Qwen) and SentencePiece, for token
 # strings that did not go through a tokenizer.
@@ -143,17 +150,49 @@ def shorten(text: str, cells: int) -> str:
     return text + "…"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 4) -> str:
+def format_value(value: float, digits: int = 4) -> str:
+    r"""
+    A number with ``digits`` significant digits, so that small values are not rounded
+    to zero: ``0.5``, ``-12.25``, ``1.2e-07``.
+
+    Args:
+        value (float): The number.
+        digits (int, optional): Significant digits.
+                    Default: 4
+
+    Returns:
+        *str*: The number as text.
+
+    Examples::
+
+        >>> format_value(1.234567e-7), format_value(0.5), format_value(-12.25)
+        ('1.235e-07', '0.5', '-12.25')
+    """
+    return f"{value:.{digits}g}"
+
+
+def format_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    digits: int = 4,
+    *,
+    significant: bool = False,
+) -> str:
     r"""
     Formats rows as an aligned plain-text table: text left-aligned, numbers
-    right-aligned with ``digits`` digits after the decimal point. Text cells are shown
-    with :func:`display_token`, so tokens stay visible and on one line.
+    right-aligned with ``digits`` digits after the decimal point (or ``digits``
+    significant digits). Text cells are shown with :func:`display_token`, so tokens
+    stay visible and on one line.
 
     Args:
         headers (Sequence[str]): The column names.
         rows (Sequence[Sequence[object]]): The rows, one value per column.
-        digits (int, optional): Digits after the decimal point of floats.
+        digits (int, optional): Digits after the decimal point of floats, or
+                    significant digits with ``significant=True``.
                     Default: 4
+        significant (bool, optional): Show floats with :func:`format_value`, so that
+                    small values keep their digits (``1.2e-07``, not ``0.0000``).
+                    Default: False
 
     Returns:
         *str*:
@@ -166,8 +205,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], digit
         -----  ------
         good   0.5000
     """
-    cells = [[_cell(v, digits) for v in row] for row in rows]
-    header_cells = [_cell(h, digits) for h in headers]
+    cells = [[_cell(v, digits, significant) for v in row] for row in rows]
+    header_cells = [_cell(h, digits, significant) for h in headers]
     numeric = [
         all(isinstance(row[i], (int, float)) or row[i] == "" for row in rows)
         for i in range(len(headers))
@@ -187,9 +226,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], digit
     return "\n".join([line(header_cells), line(rule), *(line(r) for r in cells)])
 
 
-def _cell(value: object, digits: int) -> str:
+def _cell(value: object, digits: int, significant: bool = False) -> str:
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return format_value(value, digits) if significant else f"{value:.{digits}f}"
     if isinstance(value, int) or value == "":
         return str(value)
     return display_token(str(value)).strip() or display_token(str(value))

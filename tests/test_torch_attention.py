@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from captum.attr import InputXGradient
+import torch.nn.functional as F
+from captum.attr import InputXGradient, LLMGradientAttribution, TextTokenInput
 from torch import Tensor, nn
 
-from captum_gim import GIMAttribution, GIMConfig, LayerGIM, UnsupportedModuleError
+from captum_gim import GIMAttribution, GIMConfig, LayerGIM, UnsupportedModuleError, gim_rules
 from captum_gim.sites.torch_attention import multi_head_attention
 
 OFF = GIMConfig.all_rules_off()
@@ -26,9 +27,16 @@ def _scaled(x: Tensor, scale: float) -> Tensor:
 
 
 def reference_mha(
-    m: nn.MultiheadAttention, x: Tensor, memory: Tensor, padding: Tensor | None, config: GIMConfig
+    m: nn.MultiheadAttention,
+    x: Tensor,
+    memory: Tensor,
+    padding: Tensor | None,
+    config: GIMConfig,
+    dropout_mask: Tensor | None = None,
 ) -> Tensor:
-    """Batch-first attention of x over memory, one head at a time, with the rules."""
+    """Batch-first attention of x over memory, one head at a time, with the rules;
+    ``dropout_mask`` (batch x heads x queries x keys, already scaled by 1 / (1 - p))
+    multiplies the probabilities, as attention dropout does."""
     w_q, w_k, w_v = m.in_proj_weight.chunk(3)
     b_q, b_k, b_v = m.in_proj_bias.chunk(3)
     size = m.embed_dim // m.num_heads
@@ -46,12 +54,16 @@ def reference_mha(
         if t != 1.0:
             tempered = torch.softmax(scores / t, -1)
             probs = probs.detach() + t * (tempered - tempered.detach())
+        if dropout_mask is not None:
+            probs = probs * dropout_mask[:, h]
         heads.append(probs @ v)
     return torch.cat(heads, -1) @ m.out_proj.weight.T + m.out_proj.bias
 
 
 @contextlib.contextmanager
-def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
+def reference_rules(
+    model: nn.Module, config: GIMConfig, dropout_mask: Tensor | None = None
+) -> Iterator[None]:
     """Replaces every attention's output by reference_mha and freezes LayerNorms."""
     handles = []
     for module in model.modules():
@@ -63,7 +75,7 @@ def reference_rules(model: nn.Module, config: GIMConfig) -> Iterator[None]:
                 padding = padding if padding is None else padding.bool()
                 if not m.batch_first:
                     query, key = query.transpose(0, 1), key.transpose(0, 1)
-                out = reference_mha(m, query, key, padding, config)
+                out = reference_mha(m, query, key, padding, config, dropout_mask)
                 return (out if m.batch_first else out.transpose(0, 1)), output[1]
 
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
@@ -171,12 +183,81 @@ def test_mha_mismatch_is_refused_by_name() -> None:
     assert _hooks(model) == 0
 
 
-def test_mha_training_dropout_is_refused() -> None:
+@pytest.mark.parametrize("strict", [True, False])
+def test_mha_training_dropout_warns_and_gets_the_rules_under_the_same_mask(strict: bool) -> None:
     model = SelfAttention()
-    model.attention.dropout = 0.1
+    model.attention.dropout = 0.3
     model.train()
-    with pytest.raises(UnsupportedModuleError, match=r"model\.eval"):
-        GIMAttribution(model).attribute(_embeds(), 0)
+    with pytest.warns(UserWarning, match=r"training mode with active dropout .*model\.eval"):
+        torch.manual_seed(7)
+        ours = GIMAttribution(model, config=RULES, strict=strict).attribute(_embeds(), 1)
+    # the mask the module's own forward draws first after the seed: (batch * heads) x q x k
+    torch.manual_seed(7)
+    mask = F.dropout(torch.ones(2 * 2, 5, 5), p=0.3).view(2, 2, 5, 5)
+    with reference_rules(model, RULES, dropout_mask=mask):
+        reference = InputXGradient(model).attribute(_embeds(), 1)
+    torch.testing.assert_close(ours, reference)
+    torch.manual_seed(7)
+    plain = model(_embeds())
+    torch.manual_seed(7)
+    with pytest.warns(UserWarning, match="training mode"), gim_rules(model, config=RULES):
+        assert torch.equal(model(_embeds()), plain)  # the forward, dropout included, unchanged
+    assert _hooks(model) == 0
+
+
+class CaptumDummyLLM(nn.Module):
+    """The model of Captum's own LLM attribution tests (tests/attr/test_llm_attr.py:
+    embedding, one nn.TransformerEncoderLayer, linear head), never put in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(256, 10)
+        self.linear = nn.Linear(10, 256)
+        self.trans = nn.TransformerEncoderLayer(d_model=10, nhead=2, batch_first=True)
+
+    def forward(self, input_ids: Tensor, *args: object, **kwargs: object) -> object:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.linear(self.trans(self.emb(input_ids))))
+
+
+class CharTokenizer:
+    """Captum's DummyTokenizer, reduced: one character per token, 0 = <sos>."""
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors=None):  # type: ignore[no-untyped-def]
+        ids = [ord(s[0]) for s in text.split(" ")]
+        ids = [0, *ids] if add_special_tokens else ids
+        return torch.tensor([ids]) if return_tensors else ids
+
+    def __call__(
+        self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False
+    ) -> dict:
+        result: dict = {"input_ids": self.encode(text, add_special_tokens)}
+        if return_offsets_mapping:
+            starts = [i for i, c in enumerate(text) if c != " "]
+            result["offset_mapping"] = [(0, 0)] * add_special_tokens + [(i, i + 1) for i in starts]
+        return result
+
+    def convert_ids_to_tokens(self, ids):  # type: ignore[no-untyped-def]
+        one = lambda i: "<sos>" if i == 0 else chr(i)  # noqa: E731
+        return one(ids) if isinstance(ids, int) else [one(i) for i in ids]
+
+    def decode(self, ids: Tensor) -> str:
+        return " ".join(self.convert_ids_to_tokens(ids.tolist()))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_captums_llm_test_model_in_training_mode_works_with_layer_gim(strict: bool) -> None:
+    model, tokenizer = CaptumDummyLLM(), CharTokenizer()
+    assert model.training and model.trans.self_attn.dropout > 0
+    llm_attr = LLMGradientAttribution(LayerGIM(model, model.emb, strict=strict), tokenizer)
+    inp = TextTokenInput("a b c", tokenizer)
+    with pytest.warns(UserWarning, match="training mode with active dropout"):
+        result = llm_attr.attribute(inp, "m n o p q")
+    assert result.token_attr.shape == (5, 4) and torch.isfinite(result.token_attr).all()
+    assert result.input_tokens == ["<sos>", "a", "b", "c"]
+    assert _hooks(model) == 0
 
 
 # ---- nn.TransformerEncoderLayer / DecoderLayer, fast path ------------------------

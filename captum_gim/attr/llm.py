@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from captum.attr import LLMAttributionResult, LLMGradientAttribution, TextTokenInput
@@ -14,9 +14,9 @@ from typing_extensions import Unpack
 
 from captum_gim.attr.gim_rules import gim_rules
 from captum_gim.attr.layer_gim import LayerGIM
+from captum_gim.attr.targets import check_text_target
 from captum_gim.config import GIMConfig, GIMSettings
-
-Score = Literal["log_prob", "logit"]
+from captum_gim.scores import resolve_score
 
 
 class LLMGIMAttribution(LLMGradientAttribution):
@@ -54,9 +54,11 @@ class LLMGIMAttribution(LLMGradientAttribution):
                     reach; with False they keep exact gradients (a warning).
                     Default: True
         score (str, optional): What is attributed for each target token:
-                    ``"log_prob"`` (its log-probability, Captum's choice) or
-                    ``"logit"`` (its logit, as in the GIM paper).
-                    Default: ``"log_prob"``
+                    ``"logit"`` (its logit, as in the GIM paper) or
+                    ``"log-prob"`` (its log-probability, Captum's choice in
+                    ``LLMGradientAttribution``). The old spelling ``"log_prob"``
+                    still works for one release, with a ``DeprecationWarning``.
+                    Default: ``"logit"``
         **settings: Any of the seven settings of :class:`GIMConfig` as
                     keywords. Not together with ``config``.
 
@@ -79,11 +81,10 @@ class LLMGIMAttribution(LLMGradientAttribution):
         *,
         config: GIMConfig | None = None,
         strict: bool = True,
-        score: Score = "log_prob",
+        score: str = "logit",
         **settings: Unpack[GIMSettings],
     ) -> None:
-        if score not in ("log_prob", "logit"):
-            raise ValueError(f"score must be 'log_prob' or 'logit', got {score!r}.")
+        score = resolve_score(score, where="LLMGIMAttribution")
         if not hasattr(model, "get_input_embeddings"):
             raise TypeError(
                 f"LLMGIMAttribution needs a transformers causal LM with "
@@ -113,7 +114,9 @@ class LLMGIMAttribution(LLMGradientAttribution):
             target (str, Tensor, list or None, optional): The target text, or
                         its token ids (1-D); None generates it with
                         ``model.generate(**gen_args)``. A list with one target
-                        per prompt when ``inp`` is a list.
+                        per prompt when ``inp`` is a list. A text with a word
+                        the tokenizer does not know (that would be its
+                        ``unk_token``) raises a ``TargetError`` naming the word.
                         Default: None
             gen_args (dict, optional): Arguments of ``generate`` when target is
                         None (Captum's defaults when None).
@@ -154,11 +157,16 @@ class LLMGIMAttribution(LLMGradientAttribution):
         The same attributions computed as Captum's
         ``LLMGradientAttribution(LayerGIM(...))`` computes them: one forward and
         one backward pass per target token (slow; a reference). Only with
-        ``score="log_prob"``, Captum's score. Arguments as for :meth:`attribute`;
+        ``score="log-prob"``, Captum's score. Arguments as for :meth:`attribute`;
         ``kwargs`` go to ``LayerGIM.attribute``.
         """
-        if self.score != "log_prob":
-            raise ValueError("attribute_token_by_token computes Captum's log_prob score only.")
+        if self.score != "log-prob":
+            raise ValueError(
+                "attribute_token_by_token computes Captum's log-probability score only; "
+                "build LLMGIMAttribution(..., score='log-prob')."
+            )
+        if isinstance(target, str):
+            check_text_target(self.tokenizer, target)
         return super().attribute(inp, target, gen_args, **kwargs)
 
     def _attribute_one(
@@ -172,6 +180,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
                 f"LLMGIMAttribution attributes to tokens and takes a TextTokenInput, got "
                 f"{type(inp).__name__}; build one with TextTokenInput(text, tokenizer)."
             )
+        if isinstance(target, str):
+            check_text_target(self.tokenizer, target)
         target_tokens = self._get_target_tokens(inp, target, gen_args=gen_args)
         target_tokens = target_tokens.reshape(-1).to(self.device)
         prompt = self._format_model_input(inp.to_model_input())["input_ids"]
@@ -190,6 +200,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
         prompt: Tensor,
         target_tokens: Tensor,
         progress: Callable[[range], Iterable[int]] = iter,
+        *,
+        baselines: Tensor | None = None,
     ) -> Tensor:
         r"""
         The attributions of every target token's score to every prompt token,
@@ -203,13 +215,18 @@ class LLMGIMAttribution(LLMGradientAttribution):
             progress (Callable, optional): Wraps the range of target tokens,
                         e.g. a progress bar such as ``tqdm``.
                         Default: ``iter``
+            baselines (Tensor, optional): The embeddings of a baseline prompt,
+                        ``1 x prompt tokens x hidden``: attributions are then
+                        ``(embedding - baseline) x GIM gradient``. None is the
+                        zero baseline.
+                        Default: None
 
         Returns:
             *Tensor*: ``target tokens x prompt tokens`` (on the model's device).
 
         Examples::
 
-            >>> gim = LLMGIMAttribution(model, tokenizer, score="logit")
+            >>> gim = LLMGIMAttribution(model, tokenizer)
             >>> prompt = torch.tensor([tokenizer("a b c").input_ids])
             >>> scores = gim.token_attributions(prompt, torch.tensor([7, 8]))  # 2 x 4
         """
@@ -236,6 +253,14 @@ class LLMGIMAttribution(LLMGradientAttribution):
                 scores = scores[positions, target_tokens]
                 (activation,) = captured
                 values = activation.detach()[0, :n_prompt]
+                if baselines is not None:
+                    if baselines.shape[-2:] != values.shape:
+                        raise ValueError(
+                            f"baselines has shape {tuple(baselines.shape)}; pass the "
+                            f"embeddings of a baseline prompt, 1 x {n_prompt} x "
+                            f"{values.shape[-1]}."
+                        )
+                    values = values - baselines.reshape(values.shape).to(values)
                 for k in progress(range(n_target)):
                     (gradient,) = torch.autograd.grad(
                         scores[k], activation, retain_graph=k < n_target - 1

@@ -18,6 +18,51 @@ class TargetError(ValueError, AssertionError):
     """
 
 
+def check_text_target(tokenizer: Any, text: str) -> list[int]:
+    r"""
+    The token ids of a target given as text, tokenized without special tokens (as
+    Captum's ``LLMGradientAttribution`` tokenizes it), refusing a text that has no
+    tokens or a word the tokenizer does not know: such a word would become the
+    tokenizer's ``unk_token`` and its explanation would be that of ``<unk>``.
+
+    The command line, :func:`captum_gim.explain.explain` and
+    :class:`~captum_gim.LLMGIMAttribution` all check text targets here.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        text (str): The target text, e.g. ``" Paris"``.
+
+    Returns:
+        *list[int]*: The target's token ids.
+
+    Raises:
+        TargetError: With one line naming the unknown words (a ``ValueError`` and an
+                    ``AssertionError``).
+
+    Examples::
+
+        >>> from captum_gim.models import load_model
+        >>> _, tokenizer = load_model()
+        >>> ids = check_text_target(tokenizer, "positive")
+    """
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        raise TargetError(f"the target {text!r} tokenizes to no tokens; give some text.")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        unknown = [
+            word
+            for word in text.split()
+            if unk in tokenizer(word, add_special_tokens=False)["input_ids"]
+        ]
+        words = ", ".join(repr(w) for w in unknown) if unknown else repr(text)
+        raise TargetError(
+            f"the target {text!r} has words the tokenizer does not know ({words} would be "
+            f"{tokenizer.unk_token}); use words of the model's vocabulary."
+        )
+    return ids
+
+
 class TargetIndexError(IndexError, AssertionError):
     r"""
     A target index out of range for the forward output: an ``IndexError`` and,
@@ -142,7 +187,7 @@ def check_target(target: TargetType, output: Tensor) -> None:
     """
     shape = tuple(output.shape)
     if len(shape) == 3 and isinstance(target, int) and not isinstance(target, bool):
-        raise ValueError(
+        raise TargetError(
             f"forward_func returns logits for every token (shape {shape}), so target "
             f"{target!r} cannot pick one score; select the position to explain, e.g. "
             "lambda e: model(inputs_embeds=e).logits[:, -1] (or "

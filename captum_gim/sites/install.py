@@ -43,7 +43,7 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
         for _, attention in sites.attentions:
             stack.enter_context(route_attention(attention, config))
         for name, torch_attention in sites.torch_attentions:
-            install_torch_attention(stack, name, torch_attention, config)
+            install_torch_attention(stack, name, torch_attention, config, sites.strict)
         for name, traced in sites.traced_attentions:
             install_traced_attention(stack, name, traced, config, sites.strict)
         disable_nested_fast_path(stack, sites.torch_encoders)

@@ -5,7 +5,18 @@ its inputs and weights, with the tempered softmax (rule 1) and the q/k/v
 gradient split (rule 3), checks that the recomputed output equals the module's
 own output, and returns the recomputed one: the forward value is unchanged and
 the backward pass has the rules. A mismatch raises
-:class:`UnsupportedModuleError` naming the module. Nothing is patched globally.
+:class:`UnsupportedModuleError` naming the module (with ``strict=False``: a
+warning, and the module keeps its own output and exact gradients). Nothing is
+patched globally.
+
+In training mode with attention dropout the recomputation draws the same
+dropout mask as the module's own forward (the random state before the module's
+forward is kept by a pre-hook and replayed, then the state after it restored),
+so the rules apply exactly to that one stochastic forward, as they do for
+transformers' attention; the model gets the training-mode warning of
+:func:`captum_gim.sites.checks.check_model`. Where the module's kernel draws its
+mask differently (fused CUDA kernels), the check fails and the module is
+refused by name (``strict=False``: kept exact with a warning).
 
 ``nn.TransformerEncoderLayer`` and ``DecoderLayer`` take their fused C++ fast
 path only when no forward hook is attached to any of their submodules, so the
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,20 +54,56 @@ _FORWARD_PARAMETERS = (
 
 
 def install_torch_attention(
-    stack: contextlib.ExitStack, name: str, module: nn.MultiheadAttention, config: GIMConfig
+    stack: contextlib.ExitStack,
+    name: str,
+    module: nn.MultiheadAttention,
+    config: GIMConfig,
+    strict: bool = True,
 ) -> None:
     r"""
     Gives one ``nn.MultiheadAttention`` the attention rules of ``config`` for
     the duration of ``stack``.
 
     Args:
-        stack (contextlib.ExitStack): Owns the removal of the hook.
+        stack (contextlib.ExitStack): Owns the removal of the hooks.
         name (str): The module's name in the model, for error messages.
         module (nn.MultiheadAttention): The attention module.
         config (GIMConfig): The settings.
+        strict (bool, optional): Raise for a call the rules cannot reach
+                    exactly; with False warn and keep the module's own output.
+                    Default: True
     """
-    hook = module.register_forward_hook(_recompute_hook(name, config), with_kwargs=True)
+    states: list[_RandomState] = []
+
+    def keep_state(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if module.training and module.dropout > 0 and torch.is_grad_enabled():
+            query = args[0] if args else kwargs.get("query")
+            states.append(_RandomState(query.device if isinstance(query, Tensor) else None))
+
+    pre = module.register_forward_pre_hook(keep_state, with_kwargs=True)
+    hook = module.register_forward_hook(
+        _recompute_hook(name, config, strict, states), with_kwargs=True
+    )
+    stack.callback(pre.remove)
     stack.callback(hook.remove)
+
+
+class _RandomState:
+    """The CPU (and CUDA device's) random state before a module's forward, to draw
+    the same dropout mask again."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.devices = [device] if device is not None and device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def replayed(self) -> Any:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda, strict=True):
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def disable_nested_fast_path(
@@ -75,37 +123,59 @@ def disable_nested_fast_path(
             stack.callback(setattr, module, "use_nested_tensor", True)
 
 
-def _recompute_hook(name: str, config: GIMConfig) -> Callable[..., Any]:
+def _recompute_hook(
+    name: str, config: GIMConfig, strict: bool, states: list[_RandomState]
+) -> Callable[..., Any]:
     def hook(
         module: nn.MultiheadAttention,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: tuple[Tensor, Tensor | None],
     ) -> tuple[Tensor, Tensor | None] | None:
+        state = states.pop() if states else None
         call = dict(zip(_FORWARD_PARAMETERS, args, strict=False)) | kwargs
         if not torch.is_grad_enabled():
             return None
-        _refuse_unsupported(name, module, call)
-        recomputed = multi_head_attention(module, config, **call)
-        _check_equal(name, recomputed, output)
-        return recomputed
+        problem = _unsupported(call)
+        if problem is None:
+            dropout = module.dropout if module.training else 0.0
+            replay = state.replayed() if state is not None else contextlib.nullcontext()
+            with replay:
+                recomputed = multi_head_attention(module, config, **call, dropout=dropout)
+            problem = _mismatch(recomputed, output, dropout)
+        if problem is None:
+            return _with_forward_value(recomputed, output)
+        message = f"'{name}' (MultiheadAttention) {problem}"
+        if strict:
+            raise UnsupportedModuleError(f"{message}; or pass strict=False.")
+        warnings.warn(f"GIM rules skip {message} (exact gradients there).", stacklevel=2)
+        return None
 
     return hook
 
 
-def _refuse_unsupported(name: str, module: nn.MultiheadAttention, call: dict[str, Any]) -> None:
-    if module.training and module.dropout > 0:
-        raise UnsupportedModuleError(
-            f"'{name}' (MultiheadAttention) is in training mode with dropout "
-            f"{module.dropout}; GIM needs a deterministic forward: call model.eval()."
-        )
+def _with_forward_value(
+    recomputed: tuple[Tensor, Tensor | None], output: tuple[Tensor, Tensor | None]
+) -> tuple[Tensor, Tensor | None]:
+    """The module's own output values (bitwise) with the recomputation's backward."""
+
+    def merged(ours: Tensor | None, theirs: Tensor | None) -> Tensor | None:
+        if ours is None or theirs is None:
+            return ours
+        return theirs.detach() + (ours - ours.detach())
+
+    return merged(recomputed[0], output[0]), merged(recomputed[1], output[1])  # type: ignore[return-value]
+
+
+def _unsupported(call: dict[str, Any]) -> str | None:
     if any(
         isinstance(call.get(k), Tensor) and call[k].is_nested for k in ("query", "key", "value")
     ):
-        raise UnsupportedModuleError(
-            f"'{name}' (MultiheadAttention) received nested tensors, which GIM does "
-            "not support; pass padded tensors with key_padding_mask."
+        return (
+            "received nested tensors, which GIM does not support; pass padded tensors "
+            "with key_padding_mask"
         )
+    return None
 
 
 def multi_head_attention(
@@ -119,6 +189,7 @@ def multi_head_attention(
     attn_mask: Tensor | None = None,
     average_attn_weights: bool = True,
     is_causal: bool = False,
+    dropout: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     r"""
     The output of ``module(query, key, value, ...)`` recomputed with the GIM
@@ -130,6 +201,10 @@ def multi_head_attention(
         query, key, value, key_padding_mask, need_weights, attn_mask,
         average_attn_weights, is_causal: As in ``nn.MultiheadAttention.forward``
                     (``is_causal`` is a hint there: ``attn_mask`` holds the mask).
+        dropout (float, optional): Dropout probability of the attention
+                    probabilities, drawn as ``F.multi_head_attention_forward``
+                    draws it (the caller replays the module's random state).
+                    Default: 0.0
 
     Returns:
         *tuple*: the attention output and the attention weights (or None),
@@ -170,6 +245,8 @@ def multi_head_attention(
     probs = tempered_softmax(scores, temperature).to(q.dtype)  # type: ignore[arg-type]
     if not need_weights:  # PyTorch then runs sdpa: rows with every key masked give 0
         probs = probs.nan_to_num(0.0)
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout)
     mixed = (probs @ v).permute(2, 0, 1, 3).reshape(query.shape[0], batch, module.embed_dim)
     output = F.linear(mixed, module.out_proj.weight, module.out_proj.bias)
     if unbatched:
@@ -226,9 +303,9 @@ def _pad_keys(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else F.pad(mask, (0, 1))
 
 
-def _check_equal(
-    name: str, recomputed: tuple[Tensor, Tensor | None], output: tuple[Tensor, Tensor | None]
-) -> None:
+def _mismatch(
+    recomputed: tuple[Tensor, Tensor | None], output: tuple[Tensor, Tensor | None], dropout: float
+) -> str | None:
     pairs = [(recomputed[0], output[0])]
     if output[1] is not None and recomputed[1] is not None:
         pairs.append((recomputed[1], output[1]))
@@ -237,9 +314,16 @@ def _check_equal(
         same = ours.shape == theirs.shape and torch.allclose(
             ours.detach(), theirs.detach(), equal_nan=True, rtol=tolerance, atol=tolerance
         )
-        if not same:
-            raise UnsupportedModuleError(
-                f"'{name}' (MultiheadAttention): GIM's recomputation of its attention "
-                "does not reproduce the module's output, so its rules cannot be applied "
-                "exactly; please report this configuration of nn.MultiheadAttention."
+        if not same and dropout > 0:
+            return (
+                f"is in training mode with dropout {dropout}, and GIM's recomputation "
+                "does not draw the dropout mask that the module's kernel drew, so its "
+                "rules cannot be applied exactly; call model.eval()"
             )
+        if not same:
+            return (
+                "is not reproduced by GIM's recomputation of its attention, so its rules "
+                "cannot be applied exactly; please report this configuration of "
+                "nn.MultiheadAttention"
+            )
+    return None
