@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from faithfulness_study.evaluation import run_benchmark, summarize
+from faithfulness_study.evaluation import Summary, run_benchmark, summarize
 from faithfulness_study.methods import Method, input_x_gradient
 from faithfulness_study.report import results_table
 from faithfulness_study.tasks import BENCH_DIR, Benchmark, bundled_benchmark, minilm_benchmark
@@ -86,8 +86,34 @@ def run(bench: Benchmark, log: Callable[[str], None]) -> str:
     ]
     methods.append(Method("InputXGradient", input_x_gradient))
     records = run_benchmark(bench, methods, log, warmup=True)
-    return f"### {bench.title}, {len(bench.prompts)} examples\n\n" + results_table(
-        summarize(records), bench.decimals
+    rows = summarize(records)
+    return (
+        f"### {bench.title}, {len(bench.prompts)} examples\n\n"
+        + results_table(rows, bench.decimals)
+        + "\n\n"
+        + finding(rows[: len(BASELINE_NAMES[bench.name])], bench.decimals)
+    )
+
+
+def finding(rows: Sequence[Summary], decimals: int) -> str:
+    r"""Whether a token baseline beats zero (the first row) by more than a standard error."""
+    zero = rows[0]
+    better = [
+        row.method
+        for row in rows[1:]
+        if row.comprehensiveness[0] - zero.comprehensiveness[0]
+        > max(row.comprehensiveness[1], zero.comprehensiveness[1])
+        or zero.sufficiency[0] - row.sufficiency[0] > max(row.sufficiency[1], zero.sufficiency[1])
+    ]
+    largest = max(abs(r.comprehensiveness[0] - zero.comprehensiveness[0]) for r in rows[1:])
+    if better:
+        return (
+            f"More faithful than the zero baseline by more than one standard error: "
+            f"{', '.join(better)}."
+        )
+    return (
+        "No token baseline is more faithful than the zero baseline by more than one "
+        f"standard error (largest difference in comprehensiveness {largest:.{decimals}f})."
     )
 
 

@@ -49,7 +49,7 @@ import torch
 from captum_gim import __version__
 from captum_gim._quiet import quiet_transformers
 from captum_gim.attr.targets import TargetError, check_text_target
-from captum_gim.baselines import BASELINES, DEFAULT_BASELINES
+from captum_gim.baselines import BASELINES, DEFAULT_BASELINES, resolve_baseline
 from captum_gim.explain import Explanation, explain
 from captum_gim.forwards import TASKS, detect_task
 from captum_gim.scores import SCORES
@@ -267,6 +267,10 @@ def _run_explain(args: argparse.Namespace) -> None:
     target: list[int] | str | None = args.target
     if task == "generate" and args.target is not None:
         target = _encode_target(tokenizer, args.target)
+    try:  # checked again by explain(); here before the model is loaded
+        resolve_baseline(tokenizer, _baseline_argument(args.baseline), task)
+    except ValueError as error:
+        raise UserError(f"--baseline: {_one_line(error)}") from error
     model = _load_model(args.model, task, architectures, args)
     try:
         explanation = explain(

@@ -104,6 +104,8 @@ def test_forward_returning_logits_of_every_token_names_the_fix(llama, embeds) ->
     with pytest.raises(ValueError, match=r"logits for every token") as error:
         gim.attribute(embeds, target=3)
     assert "logits[:, -1]" in _one_line(error)
+    with pytest.raises(AssertionError, match=r"logits for every token"):  # as Captum raises
+        gim.attribute(embeds, target=3)
 
 
 def test_forward_returning_a_model_output_names_the_fix(llama, embeds) -> None:

@@ -69,7 +69,7 @@ def test_explain_prints_a_token_table_and_writes_a_png(
     out = tmp_path / "heatmap.png"
     assert main(["explain", "--model", str(model_dir), "--prompt", PROMPT, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    rows = [line.split() for line in stdout.splitlines()[3:-1]]
+    rows = [line.split() for line in stdout.splitlines()[4:-1]]
     assert [row[1] for row in rows] == ["<bos>", *PROMPT.split()]
     assert f"wrote {out}" in stdout
     assert mpimg.imread(out).ndim == 3
@@ -107,9 +107,17 @@ def test_multi_token_target_is_explained_token_by_token_with_teacher_forcing(
         torch.tensor(result["scores"]), torch.tensor(result["token_scores"]).sum(0)
     )
     captured = capsys.readouterr()
-    assert "target tokens" in captured.err  # the tqdm bar
-    header = captured.out.splitlines()[1].split()
+    assert "target tokens" not in captured.err  # no progress bar: stderr is not a terminal
+    header = captured.out.splitlines()[2].split()
     assert header == ["#", "token", "sad", "and", "happy", "total"]
+
+
+def test_progress_bar_only_on_a_terminal(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    _explain_json(model_dir, tmp_path, "--target", "sad and happy")
+    assert "target tokens" in capsys.readouterr().err  # the tqdm bar
 
 
 def test_single_token_target_shows_no_progress(
@@ -122,6 +130,61 @@ def test_single_token_target_shows_no_progress(
 def test_log_prob_score(model_dir: Path, tmp_path: Path) -> None:
     result = _explain_json(model_dir, tmp_path, "--score", "log-prob")
     assert result["score"] == "log-prob"
+
+
+def test_table_keeps_small_scores_and_prints_the_explained_values(
+    model_dir: Path, loaded, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, tokenizer = loaded
+    result = _explain_json(model_dir, tmp_path, "--target", "sad")
+    stdout = capsys.readouterr().out.splitlines()
+    ids = torch.tensor([tokenizer(PROMPT).input_ids])
+    sad = tokenizer.convert_tokens_to_ids("sad")
+    with torch.no_grad():
+        logit = float(model(ids).logits[0, -1, sad])
+        zeros = torch.zeros_like(model.get_input_embeddings()(ids))
+        at_zero = float(model(inputs_embeds=zeros).logits[0, -1, sad])
+    assert result["values"] == pytest.approx([logit], rel=1e-5)
+    assert result["baseline_values"] == pytest.approx([at_zero], rel=1e-4, abs=1e-5)
+    assert "against the zero baseline" in stdout[0]
+    assert stdout[1].startswith(f"logit: {logit:.4g} at the prompt, {at_zero:.4g} at the baseline")
+    printed = [float(line.split()[-1]) for line in stdout[4:-1]]
+    torch.testing.assert_close(
+        torch.tensor(printed), torch.tensor(result["scores"]), rtol=1e-3, atol=0
+    )
+
+
+def test_tiny_scores_are_printed_with_significant_digits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--score", "log-prob", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert max(abs(s) for s in scores) < 1e-4  # the model is sure: tiny log-prob scores
+    printed = [line.split()[-1] for line in capsys.readouterr().out.splitlines()[4:-1]]
+    assert [float(p) for p in printed] == pytest.approx(scores, rel=1e-3)
+    assert "0.0000" not in printed
+
+
+def test_baseline_token_changes_what_each_token_is_compared_with(
+    model_dir: Path, loaded, tmp_path: Path
+) -> None:
+    model, tokenizer = loaded
+    result = _explain_json(model_dir, tmp_path, "--target", "sad", "--baseline", "<blank>")
+    ids = tokenizer(PROMPT).input_ids
+    blank = tokenizer.convert_tokens_to_ids("<blank>")
+    base_ids = [ids[0]] + [blank] * (len(ids) - 1)  # <bos> keeps its embedding
+    embedding = model.get_input_embeddings()
+    x = embedding(torch.tensor([ids])).detach()
+    xb = embedding(torch.tensor([base_ids])).detach()
+    want = (
+        GIMAttribution(logits_forward(model), model)
+        .attribute(x, target=tokenizer.convert_tokens_to_ids("sad"), baselines=xb)
+        .sum(-1)[0]
+    )
+    torch.testing.assert_close(torch.tensor(result["scores"]), want, atol=1e-5, rtol=1e-4)
+    assert result["baseline"] == "baseline token '<blank>'"
+    assert result["scores"][0] == 0.0
 
 
 def test_html_is_a_page_of_coloured_tokens_one_row_per_target_token_and_the_sum(
@@ -223,6 +286,28 @@ def _broken_tokenizer(tmp_path: Path, model_dir: Path) -> Path:
     return folder
 
 
+def _out_is_a_directory(tmp_path: Path, model_dir: Path) -> Path:
+    (tmp_path / "out.png").mkdir()
+    os.chdir(tmp_path)  # the argument below is relative to it
+    return model_dir
+
+
+def _read_only_out(tmp_path: Path, model_dir: Path) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root can write into read-only directories")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    os.chdir(folder)
+    return model_dir
+
+
+def _out_below_a_file(tmp_path: Path, model_dir: Path) -> Path:
+    (tmp_path / "a_file").write_text("x")
+    os.chdir(tmp_path)
+    return model_dir
+
+
 ERRORS = {
     "missing-directory": (lambda tmp, good: tmp / "nowhere", [], "does not exist"),
     "not-a-directory": (lambda tmp, good: good / "config.json", [], "not a directory"),
@@ -249,7 +334,55 @@ ERRORS = {
     ),
     "bad-suffix": (lambda tmp, good: good, ["--out", "x.txt"], ".json"),
     "no-out-directory": (lambda tmp, good: good, ["--out", "no/such/x.png"], "does not exist"),
+    "out-is-a-directory": (_out_is_a_directory, [], "it is a directory"),
+    "out-in-a-read-only-directory": (_read_only_out, [], "is not writable"),
+    "out-below-a-file": (_out_below_a_file, [], "is not a directory"),
+    "device-meta": (lambda tmp, good: good, ["--device", "meta"], "meta tensors hold no values"),
+    "score-with-similarity": (
+        lambda tmp, good: good,
+        ["--task", "similarity", "--query", "sad", "--score", "log-prob"],
+        "--score log-prob is not used with --task similarity",
+    ),
+    "baseline-mask-without-mask-token": (
+        lambda tmp, good: good,
+        ["--baseline", "mask"],
+        "the tokenizer has no mask token",
+    ),
+    "baseline-not-one-token": (
+        lambda tmp, good: good,
+        ["--baseline", "zebra crossing"],
+        "is not one token of the vocabulary",
+    ),
 }
+
+
+def test_length_and_output_errors_come_before_any_forward_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPT-2 has learned positions: a forward pass over too many tokens would crash."""
+    folder = tmp_path / "tiny_gpt2"
+    model = FAMILY_BY_NAME["gpt2"].build("eager", vocab_size=229)
+    assert model.config.max_position_embeddings == 64
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(model_path() / name, folder / name)
+    calls = []
+    original = transformers.GPT2LMHeadModel.forward
+    monkeypatch.setattr(
+        transformers.GPT2LMHeadModel,
+        "forward",
+        lambda *a, **k: calls.append(1) or original(*a, **k),
+    )
+    capsys.readouterr()  # the progress bar of save_pretrained
+    for extra in ([], ["--target", "sad and happy"]):
+        argv = ["explain", "--model", str(folder), "--prompt", "the " * 70, *extra]
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "reads at most 64 (max_position_embeddings)" in lines[0]
+    out_dir = tmp_path / "a_directory.png"
+    out_dir.mkdir()
+    assert main(["explain", "--model", str(folder), "--prompt", PROMPT, "--out", str(out_dir)]) == 2
+    assert calls == []
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
@@ -257,8 +390,20 @@ def test_user_errors_print_one_line_and_exit_2(
     case: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder_of, extra, message = ERRORS[case]
-    argv = ["explain", "--model", str(folder_of(tmp_path, model_dir)), "--prompt", PROMPT, *extra]
-    assert main(argv) == 2, capsys.readouterr()
+    outs = {
+        "out-is-a-directory": ["--out", "out.png"],
+        "out-in-a-read-only-directory": ["--out", "x.png"],
+        "out-below-a-file": ["--out", "a_file/x.png"],
+    }
+    cwd = os.getcwd()
+    folder = folder_of(tmp_path, model_dir)
+    extra = [*extra, *outs.get(case, [])]
+    argv = ["explain", "--model", str(folder), "--prompt", PROMPT, *extra]
+    try:
+        status = main(argv)
+    finally:
+        os.chdir(cwd)
+    assert status == 2, capsys.readouterr()
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err

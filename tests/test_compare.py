@@ -145,13 +145,37 @@ def test_default_target_is_the_greedy_next_token_of_each_example(
     torch.testing.assert_close(per_example.scores["GIM"], greedy.scores["GIM"])
 
 
-def test_log_probs_explains_the_log_probability(model: torch.nn.Module, ids: torch.Tensor) -> None:
+def test_log_prob_score_explains_the_log_probability(
+    model: torch.nn.Module, ids: torch.Tensor
+) -> None:
     def log_prob(embeds: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(inputs_embeds=embeds).logits[:, -1], dim=-1)
 
-    got = compare(model, None, ids, TARGET, [], log_probs=True)
+    got = compare(model, None, ids, TARGET, [], score="log-prob")
     want = GIMAttribution(log_prob, model).attribute(_embeds(model, ids), target=TARGET)
     torch.testing.assert_close(got.attributions["GIM"], want)
+    with pytest.warns(DeprecationWarning, match="log_probs=True is deprecated.*'log-prob'"):
+        old = compare(model, None, ids, TARGET, [], log_probs=True)
+    torch.testing.assert_close(old.attributions["GIM"], want)
+    with pytest.warns(DeprecationWarning, match="logits_forward: log_probs=True"):
+        forward = logits_forward(model, log_probs=True)
+    torch.testing.assert_close(forward(_embeds(model, ids)), log_prob(_embeds(model, ids)))
+
+
+def test_baselines_reach_gim_and_the_methods_that_take_them() -> None:
+    model, tokenizer = load_model()
+    ids = tokenizer("the movie was great ?", return_tensors="pt").input_ids
+    got = compare(model, tokenizer, ids, 5, [IntegratedGradients, Saliency], baselines="<blank>")
+    blank = tokenizer.convert_tokens_to_ids("<blank>")
+    base_ids = torch.cat([ids[:, :1], torch.full_like(ids[:, 1:], blank)], dim=1)  # <bos> kept
+    x, xb = _embeds(model, ids), _embeds(model, base_ids)
+    forward = logits_forward(model)
+    want = GIMAttribution(forward, model).attribute(x, target=5, baselines=xb)
+    torch.testing.assert_close(got.attributions["GIM"], want)
+    ig = IntegratedGradients(forward).attribute(x.requires_grad_(), target=5, baselines=xb)
+    torch.testing.assert_close(got.attributions["IntegratedGradients"], ig.detach())
+    with pytest.raises(TypeError, match="needs the tokenizer"):
+        compare(model, None, ids, 5, [], baselines="mask")
 
 
 def test_logits_forward_takes_ids_or_embeddings_and_reads_the_last_real_token(

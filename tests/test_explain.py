@@ -153,3 +153,34 @@ def test_cli_detects_classify_and_similarity_from_the_config(
     query = torch.tensor([tokenizer(QUERY).input_ids])
     want = _gim_scores(_reference_similarity(encoder, query), encoder, tokenizer(TEXT).input_ids)
     torch.testing.assert_close(torch.tensor(result["scores"]), want, atol=1e-5, rtol=1e-4)
+
+
+def test_mask_baseline_compares_each_word_with_mask_and_keeps_cls_and_sep(
+    encoder, tokenizer
+) -> None:
+    ids, query = tokenizer(TEXT).input_ids, tokenizer(QUERY).input_ids
+    result = explain(encoder, tokenizer, ids, task="similarity", query_ids=query, baselines="mask")
+    base_ids = [ids[0]] + [tokenizer.mask_token_id] * (len(ids) - 2) + [ids[-1]]
+    embedding = encoder.get_input_embeddings()
+    x = embedding(torch.tensor([ids])).detach()
+    xb = embedding(torch.tensor([base_ids])).detach()
+    forward = _reference_similarity(encoder, torch.tensor([query]))
+    want = GIMAttribution(forward, encoder).attribute(x, baselines=xb).sum(-1)[0]
+    torch.testing.assert_close(result.scores, want, atol=1e-5, rtol=1e-4)
+    assert result.scores[0] == 0 and result.scores[-1] == 0
+    with torch.no_grad():
+        assert result.values == pytest.approx((float(forward(x)),), abs=1e-6)
+        assert result.baseline_values == pytest.approx((float(forward(xb)),), abs=1e-6)
+    assert result.baseline == "mask baseline ('[MASK]')"
+
+
+def test_cli_similarity_shows_the_query_as_typed_and_refuses_a_score(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "similarity.json"
+    argv = ["explain", "--model", str(PATH), "--prompt", TEXT, "--query", QUERY]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"the cosine similarity with the query {QUERY!r}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["target"] == QUERY
+    assert main([*argv, "--score", "log-prob"]) == 2
+    assert "--score log-prob is not used with --task similarity" in capsys.readouterr().err

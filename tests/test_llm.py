@@ -51,7 +51,7 @@ def _captum_token_by_token(model, tokenizer, inp, target) -> LLMAttributionResul
 def test_one_pass_equals_captum_token_by_token(which, request):
     model, tokenizer = request.getfixturevalue(which)
     inp = TextTokenInput(PROMPT, tokenizer)
-    result = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
+    result = LLMGIMAttribution(model, tokenizer, score="log-prob").attribute(inp, target=TARGET)
     reference = _captum_token_by_token(model, tokenizer, inp, TARGET)
     assert isinstance(result, LLMAttributionResult)
     assert result.token_attr.shape == reference.token_attr.shape == (4, len(inp.values))
@@ -65,7 +65,7 @@ def test_logit_score_equals_layer_gim_per_token(tiny_gqa):
     model, tokenizer = tiny_gqa
     inp = TextTokenInput(PROMPT, tokenizer)
     target = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
-    result = LLMGIMAttribution(model, tokenizer, score="logit").attribute(inp, target=target)
+    result = LLMGIMAttribution(model, tokenizer).attribute(inp, target=target)  # logit: default
     prompt = inp.inp_tensor  # the token ids (to_tensor() is the binary mask)
     rows = []
     for k, token in enumerate(target.tolist()):
@@ -82,8 +82,10 @@ def test_logit_score_equals_layer_gim_per_token(tiny_gqa):
 def test_settings_reach_the_rules(tiny_gqa):
     model, tokenizer = tiny_gqa
     inp = TextTokenInput(PROMPT, tokenizer)
-    default = LLMGIMAttribution(model, tokenizer).attribute(inp, target=TARGET)
-    hot = LLMGIMAttribution(model, tokenizer, freeze_norm=False).attribute(inp, target=TARGET)
+    default = LLMGIMAttribution(model, tokenizer, score="log-prob").attribute(inp, target=TARGET)
+    hot = LLMGIMAttribution(model, tokenizer, score="log-prob", freeze_norm=False).attribute(
+        inp, target=TARGET
+    )
     layer_gim = LayerGIM(model, model.get_input_embeddings(), model, freeze_norm=False)
     reference = LLMGradientAttribution(layer_gim, tokenizer).attribute(inp, target=TARGET)
     assert _relative(hot.token_attr, reference.token_attr) <= 1e-5
@@ -123,7 +125,9 @@ def test_chat_template_prompt(bundled):
     messages = [{"role": "user", "content": "the ending was bad"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inp = TextTokenInput(text, tokenizer)
-    result = LLMGIMAttribution(model, tokenizer).attribute(inp, target="negative neutral")
+    result = LLMGIMAttribution(model, tokenizer, score="log-prob").attribute(
+        inp, target="negative neutral"
+    )
     reference = _captum_token_by_token(model, tokenizer, inp, "negative neutral")
     assert result.input_tokens[-1] == "?"
     assert _relative(result.token_attr, reference.token_attr) <= 1e-5
@@ -143,8 +147,8 @@ def test_generated_target_and_plots(bundled):
 
 def test_bad_arguments_raise_one_line_errors(bundled):
     model, tokenizer = bundled
-    with pytest.raises(ValueError, match="score must be"):
-        LLMGIMAttribution(model, tokenizer, score="prob")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="score must be 'logit' or 'log-prob'"):
+        LLMGIMAttribution(model, tokenizer, score="prob")
     gim = LLMGIMAttribution(model, tokenizer)
     with pytest.raises(TypeError, match="TextTokenInput"):
         gim.attribute(PROMPT, target=TARGET)  # type: ignore[arg-type]
@@ -160,7 +164,7 @@ def test_long_target_under_eager_attention_equals_token_by_token(tiny_gqa):
     eager.load_state_dict(model.state_dict())
     inp = TextTokenInput(PROMPT, tokenizer)
     target = " ".join([TARGET] * 3)  # 12 target tokens
-    result = LLMGIMAttribution(eager, tokenizer).attribute(inp, target=target)
+    result = LLMGIMAttribution(eager, tokenizer, score="log-prob").attribute(inp, target=target)
     reference = _captum_token_by_token(eager, tokenizer, inp, target)
     assert result.token_attr.shape[0] == 12
     assert _relative(result.token_attr, reference.token_attr) <= 1e-5
@@ -182,3 +186,57 @@ def test_token_attributions_from_ids_equal_attribute(bundled):
     matrix = gim.token_attributions(inp.inp_tensor, target, progress=progress)
     torch.testing.assert_close(matrix, result.token_attr)
     assert seen == list(range(len(target)))
+
+
+def test_old_score_spelling_still_works_with_a_deprecation_warning(bundled):
+    model, tokenizer = bundled
+    inp = TextTokenInput(PROMPT, tokenizer)
+    with pytest.warns(DeprecationWarning, match="score='log_prob' is deprecated.*'log-prob'"):
+        old = LLMGIMAttribution(model, tokenizer, score="log_prob")
+    new = LLMGIMAttribution(model, tokenizer, score="log-prob")
+    assert old.score == new.score == "log-prob"
+    torch.testing.assert_close(
+        old.attribute(inp, target=TARGET).token_attr, new.attribute(inp, target=TARGET).token_attr
+    )
+    assert LLMGIMAttribution(model, tokenizer).score == "logit"  # the default, as everywhere
+
+
+def test_unknown_target_word_is_a_one_line_error_naming_it(bundled):
+    from captum_gim.attr.targets import TargetError
+
+    model, tokenizer = bundled
+    gim = LLMGIMAttribution(model, tokenizer)
+    inp = TextTokenInput(PROMPT, tokenizer)
+    for call in (
+        gim.attribute,
+        LLMGIMAttribution(model, tokenizer, score="log-prob").attribute_token_by_token,
+    ):
+        with pytest.raises(TargetError) as raised:
+            call(inp, target="positive Paris")
+        message = str(raised.value)
+        assert "'Paris' would be <unk>" in message and "\n" not in message
+        assert isinstance(raised.value, ValueError) and isinstance(raised.value, AssertionError)
+
+
+def test_baseline_embeddings_shift_every_row_by_the_baseline_term(bundled):
+    model, tokenizer = bundled
+    gim = LLMGIMAttribution(model, tokenizer)
+    prompt = torch.tensor([tokenizer(PROMPT).input_ids])
+    target = torch.tensor(tokenizer.encode(TARGET, add_special_tokens=False))
+    base = model.get_input_embeddings()(torch.full_like(prompt, tokenizer.pad_token_id)).detach()
+    with_base = gim.token_attributions(prompt, target, baselines=base)
+    rows = []
+    for k, token in enumerate(target.tolist()):
+        ids = torch.cat([prompt, target[:k].unsqueeze(0)], dim=1)
+        embeds = model.get_input_embeddings()(ids).detach()
+        baselines = embeds.clone()
+        baselines[:, : prompt.shape[1]] = base
+
+        def logit(e, token=token):
+            return model(inputs_embeds=e).logits[:, -1, token]
+
+        from captum_gim import GIMAttribution
+
+        attr = GIMAttribution(logit, model).attribute(embeds, baselines=baselines)
+        rows.append(attr[0, : prompt.shape[1]].sum(-1).detach())
+    assert _relative(with_base, torch.stack(rows)) <= 1e-5
