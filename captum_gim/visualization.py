@@ -14,6 +14,8 @@ green, negative ones red, zero white (:data:`ATTRIBUTION_CMAP`), so the same sco
 the same here and in Captum's ``visualize_text`` and ``plot_token_attr``. Figures are built with
 :class:`matplotlib.figure.Figure` directly, so nothing is registered with ``pyplot``,
 nothing is shown, and the functions work headless and in loops without leaking figures.
+Text falls back glyph by glyph to an installed CJK font (Noto Sans CJK, WenQuanYi, ...),
+so Chinese, Japanese and Korean tokens are drawn; without one a warning says so, once.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
 from matplotlib.textpath import TextToPath
 
+from captum_gim._fonts import families, warn_if_unrenderable
 from captum_gim.text import cell_width, decode_markers, display_token, shorten
 
 __all__ = [
@@ -176,6 +179,7 @@ class _TokenLayout:
 
 
 def _layout_tokens(tokens: Sequence[str], wrap_width: int) -> _TokenLayout:
+    warn_if_unrenderable(tokens)
     if wrap_width < 4:
         raise ValueError(f"wrap_width must be at least 4 characters, got {wrap_width}.")
     labels, xs, widths, lines = [], [], [], []
@@ -217,7 +221,7 @@ def _draw_tokens(
             x + _BOX_PAD,
             line + 0.5,
             label,
-            family="monospace",
+            family=families("monospace"),
             fontsize=fontsize,
             color=_text_color(face),
             va="center_baseline",
@@ -258,6 +262,7 @@ def _plot_rows(
             va="top",
             fontsize=1.2 * fontsize,
             fontweight="bold",
+            family=families("sans-serif"),
         )
     y_top = fig_h - _TOP_IN - title_h  # inches from the bottom edge
     for (label, values), row_h in zip(rows, rows_h):
@@ -271,7 +276,14 @@ def _plot_rows(
             )
         )
         if label:
-            ax.set_title(label, loc="left", fontsize=fontsize, fontweight="bold", pad=2)
+            ax.set_title(
+                label,
+                loc="left",
+                fontsize=fontsize,
+                fontweight="bold",
+                pad=2,
+                family=families("sans-serif"),
+            )
         _draw_tokens(ax, layout, values, norm, cmap, fontsize)
         y_top -= row_h + _ROW_GAP_IN
     cbar_w = min(width_in, 4.0)
@@ -370,7 +382,9 @@ def plot_token_heatmap(
     layout = _layout_tokens(tokens, wrap_width)
     _draw_tokens(ax, layout, values, norm, colormap, fontsize)
     if title:
-        ax.set_title(title, fontsize=1.2 * fontsize, fontweight="bold")
+        ax.set_title(
+            title, fontsize=1.2 * fontsize, fontweight="bold", family=families("sans-serif")
+        )
     cbar = fig.colorbar(ScalarMappable(norm, colormap), ax=ax, orientation="horizontal", shrink=0.6)
     cbar.set_label("Attribution")
     # Keep the proportions of text (an x unit is a character, a y unit is a line), with
@@ -467,11 +481,12 @@ def plot_token_matrix(
     annotate: bool | None = None,
     fmt: str = ".2f",
     fontsize: float = 9.0,
+    row_label: str = "Target token",
 ) -> Figure:
     r"""
-    Draws the attribution of each generated token to each prompt token as a matrix.
+    Draws the attribution of each target token to each prompt token as a matrix.
 
-    Rows are generated tokens and columns prompt tokens, as in Captum's
+    Rows are target (given or generated) tokens and columns prompt tokens, as in Captum's
     ``LLMAttributionResult.token_attr``. Prompt tokens are written vertically below the
     matrix so that long prompts stay legible, and the figure grows with the number of
     tokens. Tokens are shown as in :func:`plot_token_heatmap` (markers decoded, invisible
@@ -480,7 +495,7 @@ def plot_token_matrix(
     Args:
 
         input_tokens (Sequence[str]): The prompt tokens, one per column.
-        output_tokens (Sequence[str]): The generated tokens, one per row.
+        output_tokens (Sequence[str]): The target (given or generated) tokens, one per row.
         matrix (Tensor, np.ndarray or nested sequence): Attributions of shape
                     ``(len(output_tokens), len(input_tokens))``, e.g.
                     ``LLMAttributionResult.token_attr``. Leading dimensions of size one
@@ -502,6 +517,9 @@ def plot_token_matrix(
                     Default: ``".2f"``
         fontsize (float, optional): Font size of the labels, in points.
                     Default: 9.0
+        row_label (str, optional): The label of the rows' axis, e.g.
+                    ``"Generated token"`` for a generation.
+                    Default: ``"Target token"``
 
     Returns:
         *Figure*:
@@ -553,12 +571,18 @@ def plot_token_matrix(
     else:
         fig = _root_figure(ax)
     image = ax.imshow(data, cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
-    ax.set_xticks(np.arange(data.shape[1]), labels=x_labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(np.arange(data.shape[0]), labels=y_labels, fontsize=fontsize)
+    warn_if_unrenderable([*x_labels, *y_labels, title or ""])
+    font = families("sans-serif")
+    ax.set_xticks(
+        np.arange(data.shape[1]), labels=x_labels, rotation=90, fontsize=fontsize, family=font
+    )
+    ax.set_yticks(np.arange(data.shape[0]), labels=y_labels, fontsize=fontsize, family=font)
     ax.set_xlabel("Prompt token", fontsize=fontsize)
-    ax.set_ylabel("Generated token", fontsize=fontsize)
+    ax.set_ylabel(row_label, fontsize=fontsize)
     if title:
-        ax.set_title(title, fontsize=1.2 * fontsize, fontweight="bold")
+        ax.set_title(
+            title, fontsize=1.2 * fontsize, fontweight="bold", family=families("sans-serif")
+        )
     if annotate:
         for (row, col), value in np.ndenumerate(data):
             ax.text(

@@ -520,3 +520,14 @@ def test_model_is_left_as_it_was_also_after_an_error(method) -> None:
         except RuntimeError as error:
             assert "metric failed" in str(error)
         assert _state(model) == before
+
+
+def test_plot_colours_follow_captum_positive_green_negative_red() -> None:
+    model = _build("llama", "sdpa")
+    clean, corrupted = inputs("llama")
+    figure = attribution_patching(model, clean, corrupted, metric_for("llama")).plot()
+    for image in [a.images[0] for a in figure.axes if a.images]:
+        low, high = image.norm.vmin, image.norm.vmax
+        green, red = image.cmap(image.norm(high)), image.cmap(image.norm(low))
+        assert green[1] > 0.4 and green[0] < 0.1 and green[2] < 0.1
+        assert red[0] > 0.9 and red[1] < 0.1 and red[2] < 0.1

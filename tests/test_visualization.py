@@ -219,6 +219,9 @@ def test_llm_attribution_result_plots_as_token_matrix(tmp_path: Path) -> None:
     assert len(ax.texts) == 3 * len(TOKENS)  # small enough to write every value
     assert [t.get_text() for t in ax.get_yticklabels()] == [" Paris", ".", "⏎"]
     assert all(t.get_rotation() == 90 for t in ax.get_xticklabels())
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("Prompt token", "Target token")
+    generated = plot_token_matrix(TOKENS, ["a"], [VALUES], row_label="Generated token")
+    assert generated.axes[0].get_ylabel() == "Generated token"
     path = save_figure(fig, tmp_path / "matrix.png", dpi=40)
     _assert_png_has_figure_size(path, fig, 40)
 
@@ -335,3 +338,38 @@ def test_token_page_renders_500_tokens_in_headless_chromium(tmp_path: Path) -> N
     green = (pixels[..., 1] > pixels[..., 0] + 0.2).mean()
     red = (pixels[..., 0] > pixels[..., 1] + 0.2).mean()
     assert green > 0.02 and red > 0.02  # positive tokens green, negative red
+
+
+CJK = ["北京", "是", "中国", "的", "首都"]
+
+
+def test_cjk_tokens_are_drawn_with_an_installed_cjk_font(tmp_path: Path) -> None:
+    import warnings
+
+    from captum_gim import _fonts
+
+    if _fonts.cjk_font() is None:
+        pytest.skip("no CJK font installed (apt-get install -y fonts-noto-cjk; .ci/run does)")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        save_figure(plot_token_heatmap(CJK, VALUES[:5], title="GIM: 首都"), tmp_path / "a.png")
+        save_figure(plot_token_matrix(CJK, CJK[:2], [VALUES[:5]] * 2), tmp_path / "b.png")
+    missing = [str(w.message) for w in seen if "missing from" in str(w.message)]
+    assert missing == [] and not any("no font" in str(w.message) for w in seen)
+
+
+def test_cjk_tokens_without_a_cjk_font_warn_once(monkeypatch, tmp_path: Path) -> None:
+    import warnings
+
+    from captum_gim import _fonts
+
+    monkeypatch.setattr(_fonts, "cjk_font", lambda: None)
+    monkeypatch.setattr(_fonts, "_warned", [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plot_token_heatmap(TOKENS, VALUES)  # no CJK: no warning
+        assert not [w for w in seen if "fonts-noto-cjk" in str(w.message)]
+        plot_token_heatmap(CJK, VALUES[:5])
+        plot_token_matrix(CJK, CJK[:1], [VALUES[:5]])
+    ours = [w for w in seen if "fonts-noto-cjk" in str(w.message)]
+    assert len(ours) == 1 and "Chinese, Japanese or Korean" in str(ours[0].message)

@@ -62,9 +62,11 @@ def plot_result(
 
 
 def _heatmap(figure: Figure, ax: Axes, scores: Tensor, label: str, title: str) -> None:
+    from captum_gim.visualization import ATTRIBUTION_CMAP  # Captum's: positive green
+
     values = scores.detach().float().cpu().numpy()
     limit = float(abs(values).max()) or 1.0
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    image = ax.imshow(values, cmap=ATTRIBUTION_CMAP, vmin=-limit, vmax=limit, aspect="auto")
     ax.set_yticks(range(values.shape[0]))
     if values.shape[1] <= 32:
         ax.set_xticks(range(values.shape[1]))
