@@ -10,7 +10,7 @@ from typing import TypedDict
 @dataclass(frozen=True)
 class GIMConfig:
     r"""
-    Settings of the three GIM backward rules (see GIM_SPEC.md).
+    Settings of the three GIM backward rules (see docs/GIM_SPEC.md).
 
     Every rule can be switched off on its own: ``temperature=1.0`` (or ``None``)
     gives the exact attention-softmax gradient, ``freeze_norm=False`` the exact

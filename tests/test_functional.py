@@ -1,4 +1,4 @@
-"""The rule mathematics on bare tensors, against the formulas of GIM_SPEC.md."""
+"""The rule mathematics on bare tensors, against the formulas of docs/GIM_SPEC.md."""
 
 from __future__ import annotations
 

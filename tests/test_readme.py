@@ -66,3 +66,11 @@ def test_install_starts_from_git_clone_and_names_transformers_5() -> None:
     first_bash = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
     assert first_bash.startswith("git clone ") and "&& cd " in first_bash
     assert "transformers>=5" in README
+
+
+def test_readme_names_what_ci_installs_and_exports() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    line = re.search(r"```bash\n(apt-get install -y [^\n]*)\n```", README).group(1)
+    assert line in ci  # the same packages, in the same command
+    for variable in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "MPLBACKEND=Agg"):
+        assert variable in ci and variable in README

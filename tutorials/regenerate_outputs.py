@@ -6,6 +6,11 @@ Figures are drawn at 72 dpi (set in each notebook's first cell), so the stored n
 small. The test suite executes the notebooks again and checks that they produce the same kinds
 of output, cell by cell, as the stored ones (tests/test_tutorials.py).
 
+The stored outputs keep no run-specific noise: no execution metadata, and no warning that
+names a local path (tqdm's "IProgress not found" is silenced in the kernel). To run one
+notebook without storing its outputs: ``jupyter execute tutorials/NAME.ipynb`` (the
+``jupyter execute`` command comes with nbclient, in the test extras).
+
 Usage::
 
     python tutorials/regenerate_outputs.py            # all notebooks
@@ -35,6 +40,9 @@ def execute(path: Path) -> nbformat.NotebookNode:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The kernel inherits this: tqdm.auto, imported by transformers and Captum, warns with
+    # a local path when ipywidgets is missing; the stored outputs should not show it.
+    os.environ["PYTHONWARNINGS"] = "ignore:IProgress not found"
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,
