@@ -195,3 +195,33 @@ def test_query_blocks_never_exceed_the_queries(
     """A 6-token prompt once got blocks (and a causal mask) sized for 87,381
     queries: 7.6 GB and seconds per backward."""
     assert query_rows_per_block(n_queries, n_keys, n_rep, 1 << 19) == expected
+
+
+def test_a_failed_attention_check_raises_by_name_and_warns_with_strict_false(monkeypatch) -> None:
+    """A call whose recomputation differs from the model's attention (here: a model whose
+    eager attention adds 0.1) is refused; strict=False keeps the model's own attention for
+    that call, which is GIM with the softmax rule off there."""
+    import sys
+
+    from tiny_models import FAMILY_BY_NAME, sample_ids
+
+    from captum_gim import GIMAttribution, UnsupportedModuleError, logits_forward
+
+    model = FAMILY_BY_NAME["llama"].build("eager")
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    eager = module.eager_attention_forward
+
+    def shifted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        output, weights = eager(*args, **kwargs)
+        return output + 0.1, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", shifted)
+    embeds = model.get_input_embeddings()(sample_ids()).detach()
+    with pytest.raises(UnsupportedModuleError, match="LlamaAttention: the GIM attention"):
+        GIMAttribution(logits_forward(model), model).attribute(embeds, target=3)
+    with pytest.warns(UserWarning, match="tempered softmax skips this call of LlamaAttention"):
+        lenient = GIMAttribution(logits_forward(model), model, strict=False).attribute(
+            embeds, target=3
+        )
+    no_softmax_rule = GIMAttribution(logits_forward(model), model, temperature=1.0)
+    torch.testing.assert_close(lenient, no_softmax_rule.attribute(embeds, target=3))

@@ -27,6 +27,7 @@ import copy
 import functools
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class _AttentionSite:
     config: GIMConfig
     implementation: str
     eager_function: Callable[..., tuple[Tensor, Tensor | None]] | None
+    strict: bool = True
 
 
 _sites: weakref.WeakKeyDictionary[nn.Module, _AttentionSite] = weakref.WeakKeyDictionary()
@@ -74,7 +76,7 @@ def attention_implementation(module: nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def route_attention(module: nn.Module, config: GIMConfig) -> Iterator[None]:
+def route_attention(module: nn.Module, config: GIMConfig, strict: bool = True) -> Iterator[None]:
     r"""
     Routes one attention module through the GIM attention function for the
     duration of the block, then restores its config object.
@@ -83,13 +85,17 @@ def route_attention(module: nn.Module, config: GIMConfig) -> Iterator[None]:
         module (nn.Module): An attention module that calls
                     ``ALL_ATTENTION_FUNCTIONS.get_interface``.
         config (GIMConfig): The rule settings.
+        strict (bool, optional): Raise when a call's recomputation differs from
+                    the model's attention; with False warn and keep the model's
+                    attention (and its exact softmax gradient) for that call.
+                    Default: True
     """
     register_gim_attention()
     implementation = attention_implementation(module) or "eager"
     own_config: Any = module.config
     routed_config = copy.copy(own_config)
     routed_config._attn_implementation_internal = GIM_ATTENTION
-    site = _AttentionSite(config, implementation, _eager_function_of(module))
+    site = _AttentionSite(config, implementation, _eager_function_of(module), strict)
     with _sites_lock:
         _sites[module] = site
     module.config = routed_config
@@ -162,6 +168,7 @@ def gim_attention_forward(
         attention_mask,
         temperature,
         common,
+        site.strict,
     )
 
 
@@ -185,6 +192,7 @@ def _checked_eager_attention(
     attention_mask: Any,
     temperature: float,
     common: dict[str, Any],
+    strict: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """The eager recomputation with the tempered softmax, whose value is checked
     against, and replaced by, the loaded implementation's output."""
@@ -196,8 +204,8 @@ def _checked_eager_attention(
     if implementation == "flex_attention" and query.device.type == "cpu":
         inputs = tuple(t.detach() for t in inputs)
     with torch.random.fork_rng(devices=devices):
-        expected, expected_weights = original(module, *inputs, attention_mask, **common)
-    expected = expected.detach()
+        own, expected_weights = original(module, *inputs, attention_mask, **common)
+    expected = own.detach()
     mask = _dense_mask(attention_mask, query, key)
     output, probs = eager_gim_attention(
         module, query, key, value, mask, temperature=temperature, **common
@@ -206,6 +214,16 @@ def _checked_eager_attention(
     deviation = float(difference.max()) if output.numel() else 0.0
     bound = _tolerance(expected.dtype) * (1.0 + float(expected.float().abs().max()))
     if output.shape != expected.shape or not deviation <= bound:
+        if not strict and own.requires_grad:
+            warnings.warn(
+                f"GIM's tempered softmax skips this call of {type(module).__name__} (exact "
+                f"softmax gradient there): its recomputation differs from the model's own "
+                f"attention by {deviation:.3g}"
+                + (" (dropout in training mode)" if common.get("dropout") else "")
+                + "; the q/k/v split still applies.",
+                stacklevel=2,
+            )
+            return own, expected_weights
         raise UnsupportedModuleError(
             f"{type(module).__name__}: the GIM attention recomputation differs from "
             f"the model's own attention by {deviation:.3g} (keywords: "

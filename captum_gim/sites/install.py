@@ -41,7 +41,7 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
             install_gated_mlp_rule(stack, mlp, config, sites.strict)
     if config.attention_rules_on:
         for _, attention in sites.attentions:
-            stack.enter_context(route_attention(attention, config))
+            stack.enter_context(route_attention(attention, config, sites.strict))
         for name, torch_attention in sites.torch_attentions:
             install_torch_attention(stack, name, torch_attention, config, sites.strict)
         for name, traced in sites.traced_attentions:

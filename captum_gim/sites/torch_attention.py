@@ -15,7 +15,7 @@ forward is kept by a pre-hook and replayed, then the state after it restored),
 so the rules apply exactly to that one stochastic forward, as they do for
 transformers' attention; the model gets the training-mode warning of
 :func:`captum_gim.sites.checks.check_model`. Where the module's kernel draws its
-mask differently (fused CUDA kernels), the check fails and the module is
+mask differently (fused CUDA kernels may), the check fails and the module is
 refused by name (``strict=False``: kept exact with a warning).
 
 ``nn.TransformerEncoderLayer`` and ``DecoderLayer`` take their fused C++ fast
