@@ -67,8 +67,11 @@ class GIMAttribution(GradientAttribution):
     the uncompiled model. Gradient checkpointing works with
     ``use_reentrant=False`` (the transformers default) and gives the same
     attributions; reentrant checkpointing raises a ``RuntimeError`` saying so.
-    A model in training mode with active dropout gets a warning: call
-    ``model.eval()`` for reproducible attributions.
+    A model in training mode with active dropout gets a warning (with
+    ``strict=True`` or ``False``, never an error): the forward is stochastic,
+    and the attributions are the exact GIM attributions of that one
+    dropped-out forward (attention recomputations draw the module's own
+    dropout mask). Call ``model.eval()`` for reproducible attributions.
     """
 
     def __init__(
