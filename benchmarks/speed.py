@@ -296,7 +296,7 @@ def multi_token_rows(which: str, prompt_length: int, repeats: int, quick: bool) 
     model, tokenizer = multi_token_model(which, quick)
     embeddings = model.get_input_embeddings()
     runners = {
-        MULTI_TOKEN_METHODS[0]: LLMGIMAttribution(model, tokenizer),
+        MULTI_TOKEN_METHODS[0]: LLMGIMAttribution(model, tokenizer, score="log-prob"),
         MULTI_TOKEN_METHODS[1]: LLMGradientAttribution(
             LayerGIM(model, embeddings, model), tokenizer
         ),

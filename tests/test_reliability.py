@@ -98,11 +98,11 @@ def _fault_install_fails_halfway(model, embeds, monkeypatch):
     original = install.route_attention
     calls = []
 
-    def route(module, config):
+    def route(module, config, *args):
         calls.append(module)
         if len(calls) == 2:
             raise _Boom("second attention module could not be routed")
-        return original(module, config)
+        return original(module, config, *args)
 
     monkeypatch.setattr(install, "route_attention", route)
     return lambda: _gim(model, embeds), _Boom, None

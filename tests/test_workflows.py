@@ -161,7 +161,7 @@ def test_log_probability_target_keeps_the_exact_log_softmax_gradient(
 ) -> None:
     """GIM(log p_t) = GIM(logit_t) - GIM(sum_v p_v logit_v), with p held constant."""
     ids = sample_ids(1, 6)
-    log_prob = _gim(llama, logits_forward(llama, log_probs=True), ids, target=TARGET)
+    log_prob = _gim(llama, logits_forward(llama, score="log-prob"), ids, target=TARGET)
     logit = _gim(llama, logits_forward(llama), ids, target=TARGET)
     with torch.no_grad():
         probs = torch.softmax(llama(ids).logits[:, -1], dim=-1)
@@ -200,9 +200,9 @@ def test_multi_token_continuation_sums_teacher_forced_log_probs(llama: torch.nn.
 
     whole = _gim(llama, continuation_log_prob, sequence)[:, :n]
     by_token = sum(
-        _gim(llama, logits_forward(llama, log_probs=True), sequence[:, : n + k], target=int(token))[
-            :, :n
-        ]
+        _gim(
+            llama, logits_forward(llama, score="log-prob"), sequence[:, : n + k], target=int(token)
+        )[:, :n]
         for k, token in enumerate(continuation[0])
     )
     torch.testing.assert_close(whole, by_token, atol=1e-5, rtol=1e-4)
