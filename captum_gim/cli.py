@@ -4,23 +4,28 @@ The ``captum-gim`` command: GIM token attributions of a local transformers model
 Two subcommands:
 
 * ``captum-gim explain --model DIR --prompt TEXT [--task TASK] [--target TEXT]
-  [--query TEXT] [--out FILE]`` explains a Hugging Face model saved in ``DIR``: a causal
+  [--query TEXT] [--score logit|log-prob] [--baseline zero|mask|pad|TOKEN] [--out FILE]``
+  explains a Hugging Face model saved in ``DIR``: a causal
   LM's continuation (``--task generate``; by default the greedy next token), a sequence
   classifier's label (``--task classify``; a label name or index, by default the
   predicted one) or a sentence encoder's cosine similarity with ``--query``
   (``--task similarity``). The task is read from the model's ``config.json`` when
   ``--task`` is not given. It prints a table of the prompt tokens and their GIM
   attributions and writes a token heatmap (``.png``, ``.svg``, ``.pdf``), a page of
-  coloured text (``.html``) or the scores (``.json``). A target of several tokens is
-  explained one token at a time, teacher-forced, with a progress bar; the table shows
-  each target token and their sum, the figure the target x prompt matrix.
+  coloured text (``.html``) or the scores (``.json``), after the explained value at the
+  prompt and at the baseline. A target of several tokens takes one teacher-forced
+  forward pass and one backward pass per target token (a progress bar on a terminal);
+  the table shows each target token and their sum, the figure the target x prompt
+  matrix.
 * ``captum-gim demo [--out demo.png]`` does the same for the model bundled with the
   package, offline.
 
 Nothing in a model directory is executed: custom model code is refused unless
 ``--trust-remote-code`` is given, and only safetensors weights are loaded unless
 ``--allow-pickle`` is given. A model whose head would be newly initialised is refused.
-User errors print one line to stderr and exit with 2.
+User errors print one line to stderr and exit with 2, and those that need no gradient
+(the output path, the device, the prompt's length, the target, the baseline) are found
+before the model computes anything.
 
 Examples::
 
@@ -197,7 +202,7 @@ DEMO_TARGET_HELP = (
 
 
 def _common_arguments(
-    parser: argparse.ArgumentParser, default_out: Path | None, demo: bool
+    parser: argparse.ArgumentParser, default_out: Path | None, demo: bool = False
 ) -> None:
     """The options of ``explain`` and ``demo``; ``demo`` only generates, so its help
     leaves out what applies to classifiers and encoders."""

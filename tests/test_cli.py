@@ -473,3 +473,12 @@ def test_encoder_without_lm_head_is_refused_not_explained_with_a_random_head(
     assert "--task similarity --query TEXT" in lines[0]
     assert main(["explain", "--model", path, "--prompt", PROMPT]) == 2  # detected: similarity
     assert "BertModel encoder" in capsys.readouterr().err
+
+
+def test_demo_help_describes_only_what_applies_to_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        captum_gim.cli._parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--target" in text and "--baseline" in text
+    for other_task in ("classify", "label", "similarity", "--query"):
+        assert other_task not in text
