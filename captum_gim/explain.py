@@ -182,6 +182,11 @@ def explain(
     target_ids: list[int] | None = None
     if task == "generate" and target is not None:
         target_ids = _continuation_ids(tokenizer, target)
+    label: int | None = None
+    if task == "classify" and target is not None:
+        if not isinstance(target, (int, str)):
+            raise ValueError(f"a classifier's target is a label name or index, got {target!r}.")
+        label = label_index(model, target)
     extra = 0 if target_ids is None else len(target_ids) - 1
     _check_length(model, len(prompt_ids) + extra)
     baseline = resolve_baseline(tokenizer, baselines, task)
@@ -203,11 +208,7 @@ def explain(
             score = "cosine similarity"
             value, base_value = float(output[0]), float(base_output[0])
         else:
-            if target is None:
-                target = int(output.argmax(dim=-1))
-            if not isinstance(target, (int, str)):
-                raise ValueError(f"a classifier's target is a label name or index, got {target!r}.")
-            index = label_index(model, target)
+            index = label_index(model, int(output.argmax(dim=-1))) if label is None else label
             text = str(getattr(model.config, "id2label", {})[index])
             names, ids = [text], [index]
             value, base_value = float(output[0, index]), float(base_output[0, index])
