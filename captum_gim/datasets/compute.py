@@ -28,7 +28,7 @@ from torch import Tensor
 from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.config import GIMConfig
-from captum_gim.datasets.reading import Row, one_line
+from captum_gim.datasets.reading import Row
 from captum_gim.explain import Explanation, _check_length, _check_target_ids
 from captum_gim.forwards import (
     classifier_forward,
@@ -295,8 +295,3 @@ def _pooled(
         )
         results.append(Explained(e, explanation, float(values[b])))
     return results
-
-
-def failure_message(error: BaseException) -> str:
-    """The one-line error of a row."""
-    return one_line(error)

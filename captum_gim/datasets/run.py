@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,25 +157,21 @@ def attribute_dataset(
         >>> out = attribute_dataset(model, tokenizer, rows, "results")
         >>> load_results(out)[["id", "value", "error"]]  # doctest: +SKIP
     """
-    options = _check_options(task, score, metrics, format, chunk_size, max_tokens_per_batch)
-    format = options
+    settings = _Settings(
+        task=task,
+        score=score,
+        config=config or GIMConfig(),
+        metrics=tuple(metrics),
+        metrics_token=metrics_token,
+        format=_check_options(task, score, metrics, format, chunk_size, max_tokens_per_batch),
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        max_tokens_per_batch=max_tokens_per_batch,
+    )
     table = _rows(rows)
     shard = Shard.from_environment()
     out = Path(out)
-    metadata = _metadata(
-        model,
-        task,
-        score,
-        config or GIMConfig(),
-        metrics,
-        metrics_token,
-        format,
-        model_path,
-        shard,
-        max_tokens_per_batch,
-        batch_size,
-    )
-    _prepare_out(out, metadata, resume, shard)
+    _prepare_out(out, _metadata(model, settings, model_path, shard), resume, shard)
     baseline_id = baseline_token(tokenizer, metrics_token) if metrics else 0
     done = written_ids(out)
     mine = [row for row in table if shard.owns(row.id) and row.id not in done]
@@ -186,87 +182,84 @@ def attribute_dataset(
         len(mine),
         sum(1 for r in table if shard.owns(r.id) and r.id in done),
     )
-    worker = _Worker(
-        model,
-        tokenizer,
-        out,
-        shard,
-        task,
-        score,
-        config or GIMConfig(),
-        list(metrics),
-        baseline_id,
-        format,
-        chunk_size,
-        progress,
-        len(mine),
-    )
+    worker = _Worker(model, tokenizer, out, shard, settings, baseline_id)
+    worker.start(len(mine), progress)
     encoded: list[Encoded] = []
     for row in mine:
         try:
             encoded.append(encode(row, tokenizer, model, task))
         except ValueError as error:
             worker.add([_failed(row, one_line(error), metrics)])
-    for batch in length_batches(
-        encoded, [e.length for e in encoded], max_tokens_per_batch, batch_size
-    ):
-        worker.add(
-            run_splitting(
-                batch, worker.compute, lambda e, message: _failed(e.row, message, metrics)
-            )
-        )
+    lengths = [e.length for e in encoded]
+    for batch in length_batches(encoded, lengths, max_tokens_per_batch, batch_size):
+        worker.add(run_splitting(batch, worker.compute, worker.failed))
     worker.finish()
     if shard.rank == 0:
         _summarize_when_complete(out, {row.id for row in table}, summary_wait)
     return out
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What a run computes and how it writes it."""
+
+    task: str
+    score: str
+    config: GIMConfig
+    metrics: tuple[str, ...]
+    metrics_token: str | None
+    format: str
+    chunk_size: int
+    batch_size: int | None
+    max_tokens_per_batch: int
+
+
 class _Worker:
-    """Explains batches, writes the chunks, and reports progress."""
+    """Explains batches, writes them in chunks, and reports progress."""
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         out: Path,
         shard: Shard,
-        task: str,
-        score: str,
-        config: GIMConfig,
-        metrics: list[str],
+        settings: _Settings,
         baseline_id: int,
-        format: str,
-        chunk_size: int,
-        progress: bool | None,
-        total: int,
     ) -> None:
         self.model, self.tokenizer, self.out, self.shard = model, tokenizer, out, shard
-        self.task, self.score, self.config = task, score, config
-        self.metrics, self.baseline_id, self.format = metrics, baseline_id, format
-        self.chunk_size = chunk_size
+        self.settings, self.baseline_id = settings, baseline_id
         self.chunk = next_chunk(out, shard.rank)
         self.pending: list[dict[str, Any]] = []
         self.rows = self.errors = self.tokens = 0
-        self.start = time.perf_counter()
-        show = sys.stderr.isatty() if progress is None else progress
-        self.bar = None
-        if show:
+        self.began = time.perf_counter()
+        self.bar: Any = None
+
+    def start(self, total: int, progress: bool | None) -> None:
+        """Starts the clock and, on a terminal (or when asked), a progress bar."""
+        self.began = time.perf_counter()
+        if sys.stderr.isatty() if progress is None else progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=total,
-                desc=f"rank {shard.rank}",
+                desc=f"rank {self.shard.rank}",
                 unit="row",
-                position=shard.rank,
+                position=self.shard.rank,
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
 
     def compute(self, batch: Sequence[Encoded]) -> list[dict[str, Any]]:
+        """The records of a batch (raises for the whole batch)."""
+        s = self.settings
         explained = explain_batch(
-            self.model, self.tokenizer, batch, task=self.task, score=self.score, config=self.config
+            self.model, self.tokenizer, batch, task=s.task, score=s.score, config=s.config
         )
         return [self._record(e) for e in explained]
+
+    def failed(self, encoded: Encoded, message: str) -> dict[str, Any]:
+        """The record of a row that failed alone."""
+        return _failed(encoded.row, message, self.settings.metrics)
 
     def _record(self, explained: Explained) -> dict[str, Any]:
         e, encoded = explained.explanation, explained.encoded
@@ -282,67 +275,68 @@ class _Worker:
             "value": explained.value,
             "error": None,
         }
-        if self.metrics:
+        names = self.settings.metrics
+        if names:
             try:
                 record.update(
-                    row_metrics(self.model, explained, self.metrics, self.baseline_id, self.score)
+                    row_metrics(self.model, explained, names, self.baseline_id, self.settings.score)
                 )
             except (ValueError, RuntimeError) as error:
                 LOG.warning("row %s: metrics not computed: %s", encoded.row.id, one_line(error))
-                record.update({name: math.nan for name in self.metrics})
+                record.update({name: math.nan for name in names})
         self.tokens += encoded.length
         return record
 
     def add(self, records: list[dict[str, Any]]) -> None:
+        """Counts finished records and writes every full chunk."""
         self.pending.extend(records)
         self.rows += len(records)
         self.errors += sum(r["error"] is not None for r in records)
         if self.bar is not None:
             self.bar.update(len(records))
             self.bar.set_postfix(tokens_per_s=f"{self.tokens / self._seconds():.0f}")
-        while len(self.pending) >= self.chunk_size:
-            self._write(self.pending[: self.chunk_size])
-            self.pending = self.pending[self.chunk_size :]
+        size = self.settings.chunk_size
+        while len(self.pending) >= size:
+            self._write(self.pending[:size])
+            self.pending = self.pending[size:]
 
     def _seconds(self) -> float:
-        return max(time.perf_counter() - self.start, 1e-9)
+        return max(time.perf_counter() - self.began, 1e-9)
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        path = self.out / chunk_name(self.shard.rank, self.chunk, self.format)
-        write_chunk(path, records, self.metrics)
+        path = self.out / chunk_name(self.shard.rank, self.chunk, self.settings.format)
+        write_chunk(path, records, self.settings.metrics)
         self.chunk += 1
-        errors = sum(r["error"] is not None for r in records)
         LOG.info(
-            "rank %d: wrote %s (%d rows, %d errors); %d rows, %.1f prompts/s, %.0f tokens/s",
+            "rank %d: wrote %s (%d rows, %d errors); %d rows done, %.1f prompts/s, %.0f tokens/s",
             self.shard.rank,
             path.name,
             len(records),
-            errors,
+            sum(r["error"] is not None for r in records),
             self.rows,
             self.rows / self._seconds(),
             self.tokens / self._seconds(),
         )
 
     def finish(self) -> None:
+        """Writes the last chunk and this process's figures (``rank-NNNNN.json``)."""
         if self.pending:
             self._write(self.pending)
             self.pending = []
         if self.bar is not None:
             self.bar.close()
         seconds = self._seconds()
-        write_json(
-            self.out / f"rank-{self.shard.rank:05d}.json",
-            {
-                "rank": self.shard.rank,
-                "world_size": self.shard.world_size,
-                "rows": self.rows,
-                "errors": self.errors,
-                "tokens": self.tokens,
-                "seconds": seconds,
-                "prompts_per_s": self.rows / seconds,
-                "tokens_per_s": self.tokens / seconds,
-            },
-        )
+        figures = {
+            "rank": self.shard.rank,
+            "world_size": self.shard.world_size,
+            "rows": self.rows,
+            "errors": self.errors,
+            "tokens": self.tokens,
+            "seconds": seconds,
+            "prompts_per_s": self.rows / seconds,
+            "tokens_per_s": self.tokens / seconds,
+        }
+        write_json(self.out / f"rank-{self.shard.rank:05d}.json", figures)
 
 
 def _failed(row: Row, message: str, metrics: Sequence[str]) -> dict[str, Any]:
@@ -403,41 +397,31 @@ def _rows(rows: Any) -> list[Row]:
 
 
 def _metadata(
-    model: Any,
-    task: str,
-    score: str,
-    config: GIMConfig,
-    metrics: Sequence[str],
-    metrics_token: str | None,
-    format: str,
-    model_path: str | None,
-    shard: Shard,
-    max_tokens: int,
-    batch_size: int | None,
+    model: PreTrainedModel, settings: _Settings, model_path: str | None, shard: Shard
 ) -> dict[str, Any]:
     import captum
     import transformers
 
     import captum_gim
 
-    settings = model.config.to_dict() if hasattr(model, "config") else {}
+    fields = model.config.to_dict() if hasattr(model, "config") else {}
     # where the model was loaded from, and by which version, is not what it computes
-    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
-    settings.pop("transformers_version", None)
-    model_config = json.dumps(settings, sort_keys=True, default=str)
+    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+    fields.pop("transformers_version", None)
+    model_config = json.dumps(fields, sort_keys=True, default=str)
     return {
         "model": model_path or str(getattr(model, "name_or_path", type(model).__name__)),
         "model_class": type(model).__name__,
         "model_config_sha256": hashlib.sha256(model_config.encode("utf-8")).hexdigest(),
-        "task": task,
-        "score": "cosine similarity" if task == "similarity" else score,
-        "gim": asdict(config),
-        "metrics": list(metrics),
-        "metrics_token": metrics_token,
-        "format": format,
+        "task": settings.task,
+        "score": "cosine similarity" if settings.task == "similarity" else settings.score,
+        "gim": asdict(settings.config),
+        "metrics": list(settings.metrics),
+        "metrics_token": settings.metrics_token,
+        "format": settings.format,
         "world_size": shard.world_size,
-        "max_tokens_per_batch": max_tokens,
-        "batch_size": batch_size,
+        "max_tokens_per_batch": settings.max_tokens_per_batch,
+        "batch_size": settings.batch_size,
         "versions": {
             "captum_gim": captum_gim.__version__,
             "torch": torch.__version__,
