@@ -754,10 +754,10 @@ def _token_row(label: str, tokens: list[str], scores: AttributionLike, colormap:
     name = f"rows[{label!r}]"
     values = _as_array(name, scores, ndim=1)
     _check_length(name, values, tokens)
-    norm = _symmetric_norm(values, None)
+    faces = colormap(np.asarray(_symmetric_norm(values, None)(values)))  # one call per row
     spans = []
-    for index, (token, value) in enumerate(zip(tokens, values)):
-        face = colormap(norm(value))
+    for index, (token, value, face) in enumerate(zip(tokens, values, faces)):
+        face = tuple(float(c) for c in face)
         text = display_token(token) if decode_markers(token).strip() == "" else token
         text = decode_markers(text)
         spans.append(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captum_gim._quiet import quiet_transformers
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.batching import length_batches, run_splitting
 from captum_gim.datasets.compute import Encoded, Explained, encode, explain_batch
@@ -185,11 +186,12 @@ def attribute_dataset(
     worker = _Worker(model, tokenizer, out, shard, settings, baseline_id)
     worker.start(len(mine), progress)
     encoded: list[Encoded] = []
-    for row in mine:
-        try:
-            encoded.append(encode(row, tokenizer, model, task))
-        except ValueError as error:
-            worker.add([_failed(row, one_line(error), metrics)])
+    with quiet_transformers():  # one block: the tokenizer's length warnings are checked here
+        for row in mine:
+            try:
+                encoded.append(encode(row, tokenizer, model, task))
+            except ValueError as error:
+                worker.add([_failed(row, one_line(error), metrics)])
     lengths = [e.length for e in encoded]
     for batch in length_batches(encoded, lengths, max_tokens_per_batch, batch_size):
         worker.add(run_splitting(batch, worker.compute, worker.failed))
