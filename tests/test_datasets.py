@@ -471,3 +471,17 @@ def test_cli_metrics_jsonl_summarize_and_report(bundled, tmp_path: Path, capsys)
 def test_summarize_an_empty_directory_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     assert main(["summarize", str(tmp_path)]) == 2
     assert "holds no results" in capsys.readouterr().err
+
+
+def test_a_log_line_per_chunk_and_a_bar_only_when_asked(
+    bundled, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, tokenizer = bundled
+    rows = _rows(5)
+    with caplog.at_level("INFO", logger="captum_gim.datasets"):
+        attribute_dataset(model, tokenizer, rows, tmp_path / "quiet", chunk_size=2)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal: no bar
+    chunks = [r.getMessage() for r in caplog.records if "wrote part-" in r.getMessage()]
+    assert len(chunks) == 3 and "prompts/s" in chunks[0] and "tokens/s" in chunks[0]
+    attribute_dataset(model, tokenizer, rows, tmp_path / "bar", progress=True)
+    assert "rank 0: 100%" in capsys.readouterr().err
