@@ -143,7 +143,9 @@ def _line(row: dict[str, object]) -> str:
     )
 
 
-def markdown(table: list[dict[str, object]], n: int, tokens: int, shared: bool) -> str:
+def markdown(
+    table: list[dict[str, object]], n: int, tokens: int, shared: bool, load: str = ""
+) -> str:
     """The section of RESULTS.md."""
     heading = "## Dataset throughput on the CPU (`captum-gim attribute-dataset`)"
     if shared:
@@ -175,7 +177,7 @@ def markdown(table: list[dict[str, object]], n: int, tokens: int, shared: bool) 
         lines += [
             "",
             f"The machine has {os.cpu_count()} cores and other jobs ran during the "
-            "measurement, so two processes compete with them for the cores: the figures "
+            f"measurement{load}, so two processes compete with them for the cores: the figures "
             "are lower bounds, and the 1 vs 2 process ratio understates what two free cores "
             "give.",
         ]
@@ -192,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.out is None:
         args.out = Path(tempfile.mkdtemp()) / "RESULTS.md"  # smoke runs never overwrite
     n = 24 if args.quick else args.rows
+    before = os.getloadavg()[0]
     table, tokens = measure(n, args.quick)
-    text = markdown(table, n, tokens, args.shared)
+    load = f" (load average {before:.1f} before, {os.getloadavg()[0]:.1f} after)"
+    text = markdown(table, n, tokens, args.shared, load)
     print(text)
     out = args.out or RESULTS
     results.write_section(out, results.section(SECTION, text))
