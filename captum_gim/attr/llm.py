@@ -190,6 +190,8 @@ class LLMGIMAttribution(LLMGradientAttribution):
         prompt: Tensor,
         target_tokens: Tensor,
         progress: Callable[[range], Iterable[int]] = iter,
+        *,
+        baselines: Tensor | None = None,
     ) -> Tensor:
         r"""
         The attributions of every target token's score to every prompt token,
@@ -203,6 +205,11 @@ class LLMGIMAttribution(LLMGradientAttribution):
             progress (Callable, optional): Wraps the range of target tokens,
                         e.g. a progress bar such as ``tqdm``.
                         Default: ``iter``
+            baselines (Tensor, optional): The embeddings of a baseline prompt,
+                        ``1 x prompt tokens x hidden``: attributions are then
+                        ``(embedding - baseline) x GIM gradient``. None is the
+                        zero baseline.
+                        Default: None
 
         Returns:
             *Tensor*: ``target tokens x prompt tokens`` (on the model's device).
@@ -217,7 +224,10 @@ class LLMGIMAttribution(LLMGradientAttribution):
         if target_tokens.numel() == 0:
             raise ValueError("The target is empty; pass at least one target token.")
         attributions, _ = self.batch_token_attributions(
-            [prompt[0]], [target_tokens], progress=progress
+            [prompt[0]],
+            [target_tokens],
+            progress=progress,
+            baselines=None if baselines is None else [baselines],
         )
         return attributions[0]
 
@@ -227,6 +237,7 @@ class LLMGIMAttribution(LLMGradientAttribution):
         targets: Sequence[Tensor],
         progress: Callable[[range], Iterable[int]] = iter,
         pad_token_id: int = 0,
+        baselines: Sequence[Tensor] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         r"""
         :meth:`token_attributions` of several prompts at once: one teacher-forced
@@ -246,6 +257,11 @@ class LLMGIMAttribution(LLMGradientAttribution):
             pad_token_id (int, optional): The id written into padded positions
                         (masked out, so any id of the vocabulary).
                         Default: 0
+            baselines (Sequence[Tensor], optional): Each prompt's baseline
+                        embeddings, ``prompt tokens x hidden`` (or with a batch
+                        dimension of 1): attributions are then ``(embedding -
+                        baseline) x GIM gradient``. None is the zero baseline.
+                        Default: None
 
         Returns:
             *tuple[list[Tensor], list[Tensor]]*:
@@ -257,6 +273,10 @@ class LLMGIMAttribution(LLMGradientAttribution):
         if len(prompts) != len(targets) or not prompts:
             raise ValueError(
                 f"{len(prompts)} prompts but {len(targets)} targets; pass one target per prompt."
+            )
+        if baselines is not None and len(baselines) != len(prompts):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(baselines)} baselines; pass one per prompt."
             )
         targets = [t.reshape(-1) for t in targets]
         if any(t.numel() == 0 for t in targets):
@@ -300,7 +320,9 @@ class LLMGIMAttribution(LLMGradientAttribution):
                     scores[b, positions[b], targets[b].to(device)] for b in range(len(rows_in))
                 ]
                 (activation,) = captured
-                values = activation.detach()
+                values = [activation.detach()[b, :n] for b, n in enumerate(n_prompts)]
+                if baselines is not None:
+                    values = [v - _baseline(base, v) for v, base in zip(values, baselines)]
                 for k in progress(range(max(n_targets))):
                     active = [b for b in range(len(rows_in)) if n_targets[b] > k]
                     total = torch.stack([picked[b][k] for b in active]).sum()
@@ -308,8 +330,17 @@ class LLMGIMAttribution(LLMGradientAttribution):
                         total, activation, retain_graph=k < max(n_targets) - 1
                     )
                     for b in active:
-                        n = n_prompts[b]
-                        rows[b].append((gradient[b, :n] * values[b, :n]).sum(-1))
+                        rows[b].append((gradient[b, : n_prompts[b]] * values[b]).sum(-1))
         finally:
             handle.remove()
         return [torch.stack(r) for r in rows], [p.detach() for p in picked]
+
+
+def _baseline(baselines: Tensor, values: Tensor) -> Tensor:
+    """One prompt's baseline embeddings, checked against its embeddings."""
+    if baselines.shape[-2:] != values.shape or baselines.numel() != values.numel():
+        raise ValueError(
+            f"baselines has shape {tuple(baselines.shape)}; pass the embeddings of a "
+            f"baseline prompt, 1 x {values.shape[0]} x {values.shape[-1]}."
+        )
+    return baselines.reshape(values.shape).to(values)
