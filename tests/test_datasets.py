@@ -485,3 +485,22 @@ def test_a_log_line_per_chunk_and_a_bar_only_when_asked(
     assert len(chunks) == 3 and "prompts/s" in chunks[0] and "tokens/s" in chunks[0]
     attribute_dataset(model, tokenizer, rows, tmp_path / "bar", progress=True)
     assert "rank 0: 100%" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_writes_the_rows_it_finished(bundled, tmp_path: Path) -> None:
+    model, tokenizer = bundled
+    rows = [{**row, "target": "positive"} for row in _rows(6)]  # one forward pass per batch
+    calls = []
+
+    def interrupt_second_batch(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt_second_batch)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            attribute_dataset(model, tokenizer, rows, tmp_path / "out", batch_size=3)
+    finally:
+        handle.remove()
+    assert len(load_results(tmp_path / "out")) == 3  # the first batch, in a partial chunk

@@ -193,9 +193,11 @@ def attribute_dataset(
             except ValueError as error:
                 worker.add([_failed(row, one_line(error), metrics)])
     lengths = [e.length for e in encoded]
-    for batch in length_batches(encoded, lengths, max_tokens_per_batch, batch_size):
-        worker.add(run_splitting(batch, worker.compute, worker.failed))
-    worker.finish()
+    try:
+        for batch in length_batches(encoded, lengths, max_tokens_per_batch, batch_size):
+            worker.add(run_splitting(batch, worker.compute, worker.failed))
+    finally:  # Ctrl-C or a model-wide error: the finished rows are written all the same
+        worker.finish()
     if shard.rank == 0:
         _summarize_when_complete(out, {row.id for row in table}, summary_wait)
     return out
