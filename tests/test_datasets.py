@@ -361,6 +361,7 @@ def test_jsonl_csv_parquet_and_a_saved_dataset_give_the_same_rows(tmp_path: Path
     ]
     frame = pd.DataFrame(records)
     _write_jsonl(tmp_path / "rows.jsonl", records)
+    (tmp_path / "rows.json").write_text(json.dumps(records))  # a JSON array
     frame.to_csv(tmp_path / "rows.csv", index=False)
     frame.to_parquet(tmp_path / "rows.parquet")
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
@@ -370,7 +371,7 @@ def test_jsonl_csv_parquet_and_a_saved_dataset_give_the_same_rows(tmp_path: Path
         ("a", "the good movie ?", "positive"),
         ("b", "a dull film ?", None),
     ]
-    for name in ("rows.csv", "rows.parquet", "saved"):
+    for name in ("rows.json", "rows.csv", "rows.parquet", "saved"):
         assert read_rows(tmp_path / name, **columns) == expected
     assert [r.id for r in read_rows(tmp_path / "rows.jsonl", prompt_column="text")] == ["0", "1"]
 

@@ -14,8 +14,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -70,16 +72,20 @@ def add_parsers(commands: Any) -> None:
         metavar="DIR",
         help="output directory (created; an existing one is resumed)",
     )
-    run_.add_argument("--prompt-column", default="prompt", help="default: prompt")
+    run_.add_argument("--prompt-column", metavar="COLUMN", default="prompt", help="default: prompt")
     run_.add_argument(
         "--target-column",
+        metavar="COLUMN",
         default="target",
         help="a word or continuation (generate) or a label (classify); empty: "
         "the model's own prediction (default: target)",
     )
-    run_.add_argument("--id-column", default="id", help="default: id (row numbers if absent)")
+    run_.add_argument(
+        "--id-column", metavar="COLUMN", default="id", help="default: id (row numbers if absent)"
+    )
     run_.add_argument(
         "--query-column",
+        metavar="COLUMN",
         default="query",
         help="the text to compare with, for --task similarity (default: query)",
     )
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace) -> None:
         if args.command == "summarize":
             _summarize(args)
         else:
-            _attribute(args)
+            with _log_to_stderr():
+                _attribute(args)
     except (DatasetError, ValueError) as error:
         raise cli.UserError(cli._one_line(error)) from error
 
@@ -222,7 +229,6 @@ def _attribute(args: argparse.Namespace) -> None:
     from captum_gim.datasets.run import attribute_dataset
     from captum_gim.forwards import detect_task
 
-    _log_to_stderr()
     try:
         config = GIMConfig(**{f.name: getattr(args, f.name) for f in fields(GIMConfig)})
     except (TypeError, ValueError) as error:
@@ -286,13 +292,20 @@ def _summarize(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.dir) / 'summary.json'} and {summary['report']}")
 
 
-def _log_to_stderr() -> None:
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """The run's log lines on stderr, for the command's duration only."""
     logger = logging.getLogger("captum_gim.datasets")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("captum-gim: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("captum-gim: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _positive(text: str) -> int:

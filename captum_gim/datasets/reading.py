@@ -59,7 +59,8 @@ def read_rows(
     Reads the rows of a dataset file or directory.
 
     Args:
-        path (str or Path): A ``.jsonl`` / ``.json`` (one object per line), ``.csv``
+        path (str or Path): A ``.jsonl`` / ``.json`` (one object per line, or a
+                    ``.json`` array of objects), ``.csv``
                     or ``.parquet`` file, or a directory saved by
                     ``datasets.Dataset.save_to_disk``.
         prompt_column (str, optional): The column of the prompts (required).
@@ -189,6 +190,11 @@ def _plain(value: Any) -> Any:
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], None]:
     records = []
+    if path.suffix.lower() == ".json" and path.read_text(encoding="utf-8").lstrip()[:1] == "[":
+        rows = json.loads(path.read_text(encoding="utf-8"))  # one JSON array of objects
+        if not all(isinstance(r, dict) for r in rows):
+            raise DatasetError(f"{str(path)!r} is a JSON array of other things than objects")
+        return rows, None
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
