@@ -171,9 +171,9 @@ def attribute_dataset(
     )
     table = _rows(rows)
     shard = Shard.from_environment()
+    baseline_id = baseline_token(tokenizer, metrics_token) if metrics else 0
     out = Path(out)
     _prepare_out(out, _metadata(model, settings, model_path, shard), resume, shard)
-    baseline_id = baseline_token(tokenizer, metrics_token) if metrics else 0
     done = written_ids(out)
     mine = [row for row in table if shard.owns(row.id) and row.id not in done]
     LOG.info(
