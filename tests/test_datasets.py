@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -289,7 +288,9 @@ def test_two_torchrun_processes_share_the_rows_and_rank_0_summarizes(
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     completed = subprocess.run(
         [
-            shutil.which("torchrun") or "torchrun",
+            sys.executable,  # torchrun, as the interpreter running the tests has it
+            "-m",
+            "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
             "2",
