@@ -7,6 +7,8 @@ The public API:
 - :class:`LLMGIMAttribution`: every generated token's attributions in one pass.
 - :func:`gim_rules`: the GIM backward rules for any Captum gradient method.
 - :class:`GIMConfig`: the seven settings of the rules.
+- :func:`attribute_dataset`, :func:`load_results`: GIM over a whole dataset (batched,
+  resumable, sharded under torchrun), and its results as a DataFrame.
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
 - :func:`logits_forward`: a causal LM's next-token logits as a Captum forward function.
 - :func:`register_norm`, :func:`register_gated_mlp`, :func:`unregister`: describe
@@ -27,6 +29,7 @@ from captum_gim.sites.registry import register_gated_mlp, register_norm, unregis
 
 # isort: split
 from captum_gim import circuits  # after the names above, which it imports
+from captum_gim.datasets import attribute_dataset, load_results
 
 if "inseq" in sys.modules:  # inseq is imported: register "gim" as its attribution method
     import captum_gim.integrations.inseq  # noqa: F401
@@ -41,9 +44,11 @@ __all__ = [
     "LayerGIM",
     "UnsupportedModuleError",
     "__version__",
+    "attribute_dataset",
     "circuits",
     "compare",
     "gim_rules",
+    "load_results",
     "logits_forward",
     "register_gated_mlp",
     "register_norm",

@@ -16,6 +16,9 @@ def quiet_transformers() -> Iterator[None]:
 
     verbosity = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()
+    if verbosity >= logging.ERROR and not bars:  # already quiet (a nested block): no cost
+        yield
+        return
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:

@@ -61,6 +61,9 @@ from captum_gim.scores import SCORES
 from captum_gim.sites.discovery import UnsupportedModuleError
 from captum_gim.text import format_table, format_value
 
+# isort: split
+from captum_gim.datasets import command as dataset_command  # after the names it imports
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -116,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             _run_demo(args)
+        elif args.command in dataset_command.COMMANDS:
+            dataset_command.run(args)
         else:
             _run_explain(args)
     except UserError as error:
@@ -186,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the prompt text (default: {DEMO_PROMPT!r})",
     )
     _common_arguments(demo, default_out=Path("demo.png"), demo=True)
+    dataset_command.add_parsers(commands)
     return parser
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "plot_token_matrix",
     "save_figure",
     "token_html",
+    "token_lines_html",
     "write_token_html",
 ]
 
@@ -708,6 +709,50 @@ def token_html(
     if not rows:
         raise ValueError("rows is empty; pass a mapping such as {'Paris': scores}.")
     colormap = _colormap(cmap)
+    body = [_token_row(label, tokens, scores, colormap) for label, scores in rows.items()]
+    return _html_page(title, body)
+
+
+def token_lines_html(
+    examples: Sequence[tuple[str, Sequence[str], AttributionLike]],
+    *,
+    title: str | None = None,
+    header: str = "",
+    cmap: str | Colormap = ATTRIBUTION_CMAP,
+) -> str:
+    r"""
+    A self-contained HTML page with one coloured line per example, each as a row
+    of :func:`token_html` (its own tokens, scaled by its own largest |score|).
+
+    Args:
+
+        examples (Sequence[tuple[str, Sequence[str], scores]]): For each example,
+                    its label, its tokens and one score per token.
+        title (str, optional): Heading of the page.
+                    Default: None
+        header (str, optional): HTML placed after the legend (e.g. a summary and
+                    links to other pages); the caller escapes its text.
+                    Default: ``""``
+        cmap (str or Colormap, optional): A diverging colour map.
+                    Default: :data:`ATTRIBUTION_CMAP`
+
+    Returns:
+        *str*:
+        - **page**: The HTML document.
+
+    Examples::
+
+        >>> from captum_gim.visualization import token_lines_html
+        >>> page = token_lines_html([("0", ["a", "b"], [0.1, -0.3]), ("1", ["c"], [1.0])])
+    """
+    colormap = _colormap(cmap)
+    body = [header] if header else []
+    for label, tokens, scores in examples:
+        body.append(_token_row(label, _check_tokens("tokens", tokens), scores, colormap))
+    return _html_page(title, body)
+
+
+def _html_page(title: str | None, body: Sequence[str]) -> str:
     escape = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -723,29 +768,33 @@ def token_html(
         '<p class="legend">Green: positive attribution, red: negative; each row is scaled '
         "by its own largest |score|. Hover over a token for its value.</p>"
     )
-    for label, scores in rows.items():
-        name = f"rows[{label!r}]"
-        values = _as_array(name, scores, ndim=1)
-        _check_length(name, values, tokens)
-        norm = _symmetric_norm(values, None)
-        spans = []
-        for index, (token, value) in enumerate(zip(tokens, values)):
-            face = colormap(norm(value))
-            text = display_token(token) if decode_markers(token).strip() == "" else token
-            text = decode_markers(text)
-            spans.append(
-                f'<span class="tok" style="background:{to_hex(face)};color:'
-                f'{_text_color(face)}" title="#{index} {escape(repr(text))}: {value:+.4g}" '
-                f'data-index="{index}" data-score="{value:.6g}">{escape(text)}</span>'
-            )
-        largest = float(np.abs(values).max())
-        parts.append(
-            f'<div class="row"><div class="label">{escape(str(label))} '
-            f"<small>(max |score| {largest:.4g})</small></div>"
-            f'<div class="text">{"".join(spans)}</div></div>'
-        )
+    parts.extend(body)
     parts.append("</body>\n</html>\n")
     return "\n".join(parts)
+
+
+def _token_row(label: str, tokens: list[str], scores: AttributionLike, colormap: Colormap) -> str:
+    escape = html.escape
+    name = f"rows[{label!r}]"
+    values = _as_array(name, scores, ndim=1)
+    _check_length(name, values, tokens)
+    faces = colormap(np.asarray(_symmetric_norm(values, None)(values)))  # one call per row
+    spans = []
+    for index, (token, value, face) in enumerate(zip(tokens, values, faces)):
+        face = tuple(float(c) for c in face)
+        text = display_token(token) if decode_markers(token).strip() == "" else token
+        text = decode_markers(text)
+        spans.append(
+            f'<span class="tok" style="background:{to_hex(face)};color:'
+            f'{_text_color(face)}" title="#{index} {escape(repr(text))}: {value:+.4g}" '
+            f'data-index="{index}" data-score="{value:.6g}">{escape(text)}</span>'
+        )
+    largest = float(np.abs(values).max()) if values.size else 0.0
+    return (
+        f'<div class="row"><div class="label">{escape(str(label))} '
+        f"<small>(max |score| {largest:.4g})</small></div>"
+        f'<div class="text">{"".join(spans)}</div></div>'
+    )
 
 
 def write_token_html(

@@ -240,3 +240,29 @@ def test_baseline_embeddings_shift_every_row_by_the_baseline_term(bundled):
         attr = GIMAttribution(logit, model).attribute(embeds, baselines=baselines)
         rows.append(attr[0, : prompt.shape[1]].sum(-1).detach())
     assert _relative(with_base, torch.stack(rows)) <= 1e-5
+
+
+def test_a_padded_batch_of_prompts_equals_each_prompt_alone_with_its_baseline(bundled):
+    model, tokenizer = bundled
+    gim = LLMGIMAttribution(model, tokenizer, score="logit")
+    texts = ["the good movie ?", "a bad and awful film that was dull ?", "ok ?"]
+    prompts = [torch.tensor(tokenizer(t).input_ids) for t in texts]
+    targets = [
+        torch.tensor(tokenizer(t, add_special_tokens=False).input_ids)
+        for t in ["positive", "negative neutral", "positive negative positive"]
+    ]
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        blanks = [embedding(torch.full_like(p, 5)) for p in prompts]
+    for baselines in (None, blanks):
+        batch, values = gim.batch_token_attributions(prompts, targets, baselines=baselines)
+        for k, (prompt, target) in enumerate(zip(prompts, targets)):
+            base = None if baselines is None else baselines[k][None]
+            alone = gim.token_attributions(prompt[None], target, baselines=base)
+            torch.testing.assert_close(batch[k], alone, atol=1e-5, rtol=1e-4)
+            with torch.no_grad():
+                ids = torch.cat([prompt, target[:-1]])[None]
+                logits = model(ids).logits[0, len(prompt) - 1 :]
+            torch.testing.assert_close(values[k], logits[torch.arange(len(target)), target])
+    with pytest.raises(ValueError, match="baselines has shape"):
+        gim.token_attributions(prompts[0][None], targets[0], baselines=blanks[1][None])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -233,8 +233,82 @@ class LLMGIMAttribution(LLMGradientAttribution):
         target_tokens = target_tokens.reshape(-1)
         if target_tokens.numel() == 0:
             raise ValueError("The target is empty; pass at least one target token.")
-        n_prompt, n_target = prompt.shape[1], target_tokens.numel()
-        ids = torch.cat([prompt, target_tokens[:-1].unsqueeze(0).to(prompt)], dim=1)
+        attributions, _ = self.batch_token_attributions(
+            [prompt[0]],
+            [target_tokens],
+            progress=progress,
+            baselines=None if baselines is None else [baselines],
+        )
+        return attributions[0]
+
+    def batch_token_attributions(
+        self,
+        prompts: Sequence[Tensor],
+        targets: Sequence[Tensor],
+        progress: Callable[[range], Iterable[int]] = iter,
+        pad_token_id: int = 0,
+        baselines: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        r"""
+        :meth:`token_attributions` of several prompts at once: one teacher-forced
+        forward pass over the prompts + targets, padded on the right with an
+        attention mask, and one backward pass per target position (the longest
+        target's length). Right padding keeps every real token at the position it
+        has alone, and causal attention keeps it from seeing the padding, so each
+        result equals that prompt's :meth:`token_attributions` (up to float
+        rounding). Rows of the same length are not padded and get no mask.
+
+        Args:
+            prompts (Sequence[Tensor]): Each prompt's token ids, 1-D.
+            targets (Sequence[Tensor]): Each prompt's target token ids, 1-D (at
+                        least one each).
+            progress (Callable, optional): Wraps the range of target positions.
+                        Default: ``iter``
+            pad_token_id (int, optional): The id written into padded positions
+                        (masked out, so any id of the vocabulary).
+                        Default: 0
+            baselines (Sequence[Tensor], optional): Each prompt's baseline
+                        embeddings, ``prompt tokens x hidden`` (or with a batch
+                        dimension of 1): attributions are then ``(embedding -
+                        baseline) x GIM gradient``. None is the zero baseline.
+                        Default: None
+
+        Returns:
+            *tuple[list[Tensor], list[Tensor]]*:
+            - **attributions**: For each prompt, ``target tokens x prompt tokens``
+              (on the model's device).
+            - **scores**: For each prompt, the explained score (logit or
+              log-probability) of each target token, without gradient.
+        """
+        if len(prompts) != len(targets) or not prompts:
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(targets)} targets; pass one target per prompt."
+            )
+        if baselines is not None and len(baselines) != len(prompts):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(baselines)} baselines; pass one per prompt."
+            )
+        targets = [t.reshape(-1) for t in targets]
+        if any(t.numel() == 0 for t in targets):
+            raise ValueError("The target is empty; pass at least one target token.")
+        rows_in = [torch.cat([p.reshape(-1), t[:-1].to(p)]) for p, t in zip(prompts, targets)]
+        n_prompts = [p.numel() for p in prompts]
+        n_targets = [t.numel() for t in targets]
+        length = max(r.numel() for r in rows_in)
+        device = prompts[0].device
+        ids = torch.full(
+            (len(rows_in), length), pad_token_id, dtype=prompts[0].dtype, device=device
+        )
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(rows_in):
+            ids[b, : row.numel()] = row
+            mask[b, : row.numel()] = 1
+        keep = length - min(n_prompts) + 1  # from the earliest scored position to the end
+        # position of target k of row b among the kept logits
+        positions = [
+            torch.arange(n_targets[b], device=device) + n_prompts[b] - 1 - (length - keep)
+            for b in range(len(rows_in))
+        ]
         captured: list[Tensor] = []
 
         def capture(_: nn.Module, __: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -244,28 +318,39 @@ class LLMGIMAttribution(LLMGradientAttribution):
 
         embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
         handle = embeddings.register_forward_hook(capture)
-        rows = []
+        padded = bool((mask == 0).any())
+        rows: list[list[Tensor]] = [[] for _ in rows_in]
         try:
             with torch.enable_grad(), gim_rules(self.model, config=self.config, strict=self.strict):
-                logits = self.model(ids, logits_to_keep=n_target).logits[0]
+                logits = self.model(
+                    ids, attention_mask=mask if padded else None, logits_to_keep=keep
+                ).logits
                 scores = logits if self.score == "logit" else torch.log_softmax(logits, -1)
-                positions = torch.arange(n_target, device=ids.device)
-                scores = scores[positions, target_tokens]
+                picked = [
+                    scores[b, positions[b], targets[b].to(device)] for b in range(len(rows_in))
+                ]
                 (activation,) = captured
-                values = activation.detach()[0, :n_prompt]
+                values = [activation.detach()[b, :n] for b, n in enumerate(n_prompts)]
                 if baselines is not None:
-                    if baselines.shape[-2:] != values.shape:
-                        raise ValueError(
-                            f"baselines has shape {tuple(baselines.shape)}; pass the "
-                            f"embeddings of a baseline prompt, 1 x {n_prompt} x "
-                            f"{values.shape[-1]}."
-                        )
-                    values = values - baselines.reshape(values.shape).to(values)
-                for k in progress(range(n_target)):
+                    values = [v - _baseline(base, v) for v, base in zip(values, baselines)]
+                for k in progress(range(max(n_targets))):
+                    active = [b for b in range(len(rows_in)) if n_targets[b] > k]
+                    total = torch.stack([picked[b][k] for b in active]).sum()
                     (gradient,) = torch.autograd.grad(
-                        scores[k], activation, retain_graph=k < n_target - 1
+                        total, activation, retain_graph=k < max(n_targets) - 1
                     )
-                    rows.append((gradient[0, :n_prompt] * values).sum(-1))
+                    for b in active:
+                        rows[b].append((gradient[b, : n_prompts[b]] * values[b]).sum(-1))
         finally:
             handle.remove()
-        return torch.stack(rows)
+        return [torch.stack(r) for r in rows], [p.detach() for p in picked]
+
+
+def _baseline(baselines: Tensor, values: Tensor) -> Tensor:
+    """One prompt's baseline embeddings, checked against its embeddings."""
+    if baselines.shape[-2:] != values.shape or baselines.numel() != values.numel():
+        raise ValueError(
+            f"baselines has shape {tuple(baselines.shape)}; pass the embeddings of a "
+            f"baseline prompt, 1 x {values.shape[0]} x {values.shape[-1]}."
+        )
+    return baselines.reshape(values.shape).to(values)
