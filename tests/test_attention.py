@@ -124,6 +124,33 @@ def test_eager_path_forward_is_softmax_attention_and_backward_tempered(softcap) 
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_query", [False, True], ids=["per-head", "per-query"])
+def test_eager_path_sink_logits_take_mass_and_get_the_tempered_backward(per_query) -> None:
+    """Sinks: one extra logit per head (gpt-oss) or per query (Inkling 2, computed
+    from the hidden states), softmaxed with the scores and dropped after it."""
+    q, k, v, g = _qkv()
+    generator = torch.Generator().manual_seed(3)
+    shape = (2, 4, 9, 1) if per_query else (4,)
+    sinks = torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = torch.zeros(9, 9, dtype=torch.float64).masked_fill(~_causal(9, 9), -1e30)
+    output, _ = eager_gim_attention(
+        _Attention(), q, k, v, mask[None, None], scaling=0.3, temperature=2.0, sinks=sinks
+    )
+    got = torch.autograd.grad(output.transpose(1, 2), (q, k, v, sinks), g)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3 + mask
+    column = sinks if per_query else sinks.reshape(1, -1, 1, 1)
+    logits = torch.cat([scores, column.expand(*scores.shape[:-1], 1)], -1)
+    probs = torch.softmax(logits, -1)
+    tempered = torch.softmax(logits / 2.0, -1)
+    probs = (probs.detach() + 2.0 * (tempered - tempered.detach()))[..., :-1]
+    expected = probs @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(output.transpose(1, 2), expected.detach())
+    want = torch.autograd.grad(expected, (q, k, v, sinks), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_gim_attention_refuses_modules_outside_gim_rules() -> None:
     q, k, v, _ = _qkv()
     with pytest.raises(RuntimeError, match=r"outside of captum_gim\.gim_rules"):

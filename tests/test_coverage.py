@@ -25,6 +25,7 @@ import signal
 import sys
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,24 @@ SMALL = dict(
     mamba_d_head=8,
     mamba_d_state=16,
     mamba_chunk_size=8,
+    # Sizes that only some families have (their default configs allocate GBs).
+    vocab_size_per_layer_input=64,  # Gemma 3n, Gemma 4: per-layer input embeddings
+    hidden_size_per_layer_input=8,
+    unpadded_vocab_size=64,  # Inkling 2
+    swa_head_dim=8,
+    encoder_hash_byte_group_vocab=64,  # BLT
+    hidden_size_global=32,
+    shape_vocab_size=64,  # RoCBert
+    pronunciation_vocab_size=64,
+    shape_embed_dim=32,
+    pronunciation_embed_dim=32,
+    lru_width=32,  # RecurrentGemma
+    attention_hidden_size=64,  # Zamba: twice the hidden size
+    mamba_dt_rank=4,
+    embedding_dim=32,  # xLSTM
+    depthwise_separable_out_channel=32,  # Phi-4 multimodal's audio encoder
+    ext_pw_out_channel=32,
+    nemo_conv_channels=32,
 )
 #: Only for the encoders (in the causal-LM families these names mean other things).
 ENCODER_SMALL = dict(
@@ -105,6 +124,115 @@ ENCODER_SMALL = dict(
     local_attention=4,
     num_labels=4,
 )
+#: Arguments of the config class, by model type, for families whose default
+#: config the generic shrinking cannot make tiny (each with the reason).
+CONFIG_ARGUMENTS: dict[str, dict[str, object]] = {
+    # the attention reads a rope_theta and clamps by a clip_qkv its default config lacks
+    "dbrx": {
+        "n_heads": 4,
+        "n_layers": 2,
+        "attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 48, "moe_top_k": 2},
+    },
+    # per-layer attention settings: two layers keep the config homogeneous
+    # (indexed attention; the sliding-window layers start at the third)
+    "dots3_note_text": {"num_hidden_layers": 2, "index_n_heads": 4, "index_head_dim": 64},
+    "dots3_note": {
+        "text_config": {"num_hidden_layers": 2, "index_n_heads": 4, "index_head_dim": 64}
+    },
+    # the default config has no RoPE parameters for its layer type
+    "cohere_compass_text": {
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": [2, 1, 1],
+            }
+        }
+    },
+    # its causal LM asks for a decoder config
+    "reformer": {
+        "is_decoder": True,
+        "axial_pos_shape": (8, 16),
+        "axial_pos_embds_dim": (16, 16),
+        "attention_head_size": 8,
+        "feed_forward_size": 48,
+        "hash_seed": 0,
+    },
+    # an assistant (drafting) model: its default config is invalid, and every layer
+    # reads the key/value states of the model it drafts for
+    "gemma4_assistant": {
+        "text_config": {
+            "num_hidden_layers": 2,
+            "num_kv_shared_layers": 2,
+            "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": 0,
+        }
+    },
+    # the default config leaves the layer types unset
+    "lfm2_moe": {"num_hidden_layers": 2, "layer_types": ["conv", "full_attention"]},
+    # the default config leaves the number of experts unset
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+}
+#: Attributes set after the generic shrinking ("a.b": attribute b of sub-config a).
+AFTER_SHRINKING: dict[str, dict[str, object]] = {
+    # Mamba-2 mixers: heads x head size = expand x hidden size
+    "bamba": {"mamba_d_head": 16},
+    "granitemoehybrid": {"mamba_d_head": 16},
+    "mamba2": {"num_heads": 8, "n_groups": 1, "state_size": 16},
+    "zamba2": {
+        "mamba_headdim": 8,
+        "layers_block_type": ["linear_attention", "hybrid"],
+        "hybrid_layer_ids": [1],
+    },
+    # one sliding-window and one full-attention layer (the first layers are all sliding)
+    **{
+        model_type: {f"{prefix}layer_types": ["sliding_attention", "full_attention"]}
+        for model_type, prefix in (
+            ("gemma4", "text_config."),
+            ("gemma4_text", ""),
+            ("gemma4_unified", "text_config."),
+            ("gemma4_unified_text", ""),
+        )
+    },
+    # the last layers reuse the key/value states of earlier layers of their type
+    "gemma3n_text": {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "num_kv_shared_layers": 2,
+        "intermediate_size": [48] * 4,
+        "activation_sparsity_pattern": [0.95, 0.0, 0.0, 0.0],
+    },
+    # Zamba ties one shared transformer block across its hybrid layers: two of them
+    "zamba": {
+        "num_hidden_layers": 3,
+        "layers_block_type": ["linear_attention", "hybrid", "hybrid"],
+    },
+    # the global transformer reads cross_attn_k patches of the local encoder's width
+    "blt": {
+        "global_config.hidden_size": 64,
+        "global_config.head_dim": 16,
+        "encoder_config.hidden_size_global": 64,
+        "decoder_config.hidden_size_global": 64,
+    },
+}
+#: Why a family cannot be built or run tiny: a reason of the family itself.
+WHY_UNBUILDABLE = {
+    "gemma3n": "its vision tower is a timm model, and timm is not a test dependency "
+    "(gemma3n_text is its language model)",
+    "gemma4_assistant": "a drafting model: every layer reads the key/value states of the "
+    "model it drafts for, so it has no forward of its own",
+    "gemma4_unified_assistant": "a drafting model: every layer reads the key/value states of "
+    "the model it drafts for, so no config of its own builds",
+    "reformer": "its reversible layers compute their backward pass only in training mode",
+}
+#: Families whose model needs a setting before its first forward.
+MODEL_SETUP: dict[str, Callable[[nn.Module], None]] = {
+    # X-MOD routes every token through the adapter of one language
+    "xmod": lambda model: model.set_default_language(model.config.languages[0]),
+}
+#: Families whose causal-LM class takes one sub-config of theirs.
+DECODER_CONFIG = {"musicgen": "decoder", "musicgen_melody": "decoder"}
 BUILD_SECONDS = 20
 MAX_PARAMETERS = 5_000_000
 TARGET = 3
@@ -154,8 +282,12 @@ KNOWN_GAPS: dict[str, str] = {}
 
 
 def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> None:
+    layers = _layer_count(config)
     for name, value in sizes.items():
-        current = getattr(config, name, "absent")
+        try:
+            current = getattr(config, name, "absent")
+        except Exception:  # a per-layer attribute of a heterogeneous config
+            continue
         if isinstance(current, int | float) or (
             current is None
             and name
@@ -163,7 +295,7 @@ def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> 
         ):
             try:
                 setattr(config, name, value)
-            except (AttributeError, ValueError, TypeError):
+            except (AttributeError, ValueError, TypeError, NotImplementedError):
                 pass
     if isinstance(getattr(config, "kv_lora_rank", None), int):
         # Multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...) gives every
@@ -172,10 +304,49 @@ def _shrink(config: transformers.PretrainedConfig, sizes: dict[str, object]) -> 
             config.num_key_value_heads = config.num_attention_heads
         except (AttributeError, ValueError, TypeError):
             pass
-    for name in ("text_config", "decoder", "encoder"):
+    _shrink_per_layer_lists(config, layers)
+    for name in {"text_config", "decoder", "encoder", *getattr(config, "sub_configs", {})}:
         inner = getattr(config, name, None)
         if isinstance(inner, transformers.PretrainedConfig):
             _shrink(inner, sizes)
+
+
+def _special_tokens_in_vocabulary(config: transformers.PretrainedConfig) -> None:
+    """Image, audio and other special token ids moved into the shrunk vocabulary
+    (the top ids, which the test's inputs never use)."""
+    vocab = SMALL["vocab_size"]
+    assert isinstance(vocab, int)
+    free = iter(range(vocab - 1, 8, -1))
+    for inner in (config, *(getattr(config, name, None) for name in config.sub_configs)):
+        if not isinstance(inner, transformers.PretrainedConfig):
+            continue
+        for name, value in list(vars(inner).items()):
+            if name.endswith(("_token_id", "_token_index")) and isinstance(value, int):
+                if value >= vocab:
+                    with contextlib.suppress(Exception):
+                        setattr(inner, name, next(free))
+
+
+def _layer_count(config: transformers.PretrainedConfig) -> int | None:
+    for name in ("num_hidden_layers", "num_layers"):
+        with contextlib.suppress(Exception):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def _shrink_per_layer_lists(config: transformers.PretrainedConfig, layers: int | None) -> None:
+    """Per-layer lists (layer types, MLP types) cut to their first layers, as many as
+    the shrunk config has (the layers a model that reads only the first ones builds)."""
+    shrunk = _layer_count(config)
+    if layers is None or shrunk is None or shrunk >= layers:
+        return
+    for name, value in list(vars(config).items()):
+        if name.startswith("_") or not isinstance(value, list | tuple) or len(value) != layers:
+            continue
+        with contextlib.suppress(Exception):
+            setattr(config, name, value[:shrunk])
 
 
 def _alarm(*_: object) -> None:
@@ -200,15 +371,29 @@ def _model_class(kind: str) -> type:
 
 def build(family: Family, implementation: str) -> nn.Module:
     """The tiny random model of ``family``; raises with the reason it cannot be built."""
-    config = transformers.CONFIG_MAPPING[family.model_type](**dict(family.overrides))
+    arguments = {**CONFIG_ARGUMENTS.get(family.model_type, {}), **dict(family.overrides)}
+    config = transformers.CONFIG_MAPPING[family.model_type](**arguments)
     _shrink(config, SMALL if family.kind == "causal" else {**SMALL, **ENCODER_SMALL})
+    _special_tokens_in_vocabulary(config)
+    for path, value in AFTER_SHRINKING.get(family.model_type, {}).items():
+        *parents, name = path.split(".")
+        target = config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
     for name in INIT_STD_NAMES:  # non-trivial random weights: std 0.2, not the pretraining init
         if hasattr(config, name):
             setattr(config, name, 0.2)
-    model_class = _model_class(family.kind)
+    factory = _model_class(family.kind).from_config
+    if family.model_type in DECODER_CONFIG:
+        # MusicGen's causal LM is its decoder, built from the decoder's config
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        factory = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._from_config
+        config = getattr(config, DECODER_CONFIG[family.model_type])
     with torch.device("meta"):  # counts the parameters without allocating them
         try:
-            size = sum(p.numel() for p in model_class.from_config(config).parameters())
+            size = sum(p.numel() for p in factory(config).parameters())
         except Exception:
             size = 0  # built for real below, which gives the reason
     if size > MAX_PARAMETERS:
@@ -217,7 +402,7 @@ def build(family: Family, implementation: str) -> nn.Module:
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(BUILD_SECONDS)
     try:
-        model = model_class.from_config(config, attn_implementation=implementation)
+        model = factory(config, attn_implementation=implementation)
     except ValueError as error:
         if "does not support an attention implementation" in str(error):
             raise NoImplementation(f"no {implementation}") from None
@@ -225,6 +410,8 @@ def build(family: Family, implementation: str) -> nn.Module:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    if family.model_type in MODEL_SETUP:
+        MODEL_SETUP[family.model_type](model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -236,8 +423,34 @@ def build(family: Family, implementation: str) -> nn.Module:
     return model.eval()
 
 
+#: Families whose forward reads the token ids besides their embeddings: the test
+#: passes the ids and puts the attributed embeddings in place of the embedding
+#: layer's output.
+READS_TOKEN_IDS = {
+    "blt": "entropy patching and hashed n-gram embeddings",
+    "cpmant": "position and segment ids derived from the ids",
+    "deepseek_v4": "hash routing of its first layers",
+}
+
+
+def token_ids(model: nn.Module, length: int) -> torch.Tensor:
+    """The test's input ids, 1 .. length (within the vocabulary)."""
+    return torch.arange(1, length + 1)[None] % model.config.get_text_config().vocab_size
+
+
+def input_embeddings(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The embeddings of ``ids`` (summed over MusicGen's per-codebook embeddings)."""
+    layer = model.get_input_embeddings()
+    if isinstance(layer, nn.ModuleList):
+        return sum(embedding(ids) for embedding in layer)
+    return layer(ids)
+
+
 def outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
     """The scores [batch, n] whose column TARGET is attributed."""
+    embeds = embeds.clone()  # CTRL and GIT scale the input embeddings in place
+    if model.config.model_type in READS_TOKEN_IDS:
+        return _outputs_from_ids(model, embeds)
     if kind == "causal":
         return model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
     if kind == "encoder":
@@ -245,6 +458,21 @@ def outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
     start = getattr(model.config, "decoder_start_token_id", None) or 0
     decoder_ids = torch.tensor([[start, 5, 7]])
     return model(inputs_embeds=embeds, decoder_input_ids=decoder_ids, use_cache=False).logits[:, -1]
+
+
+def _outputs_from_ids(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    layer = model.get_input_embeddings()
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # CPM-Ant puts prompt tokens before the ids: the test's tokens are the last ones
+        return torch.cat([output[:, : -embeds.shape[1]], embeds.to(output.dtype)], dim=1)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        ids = token_ids(model, embeds.shape[1])
+        return model(input_ids=ids, use_cache=False).logits[:, -1]
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -271,9 +499,9 @@ def run_case(family: Family, implementation: str) -> Result:
         return Result("no such implementation", str(missing))
     except Exception as error:
         return Result("unbuildable", f"{type(error).__name__}: {_first_line(error)}")
-    ids = torch.arange(1, 7)[None] % model.config.get_text_config().vocab_size
+    ids = token_ids(model, 6)
     try:
-        embeds = model.get_input_embeddings()(ids).detach()
+        embeds = input_embeddings(model, ids).detach()
         expected = _plain_outputs(model, family.kind, embeds)
         if not torch.equal(expected, _plain_outputs(model, family.kind, embeds)):
             return Result("unbuildable", "its forward is not deterministic without GIM")
@@ -282,13 +510,18 @@ def run_case(family: Family, implementation: str) -> Result:
             "unbuildable", f"its forward fails: {type(error).__name__}: {_first_line(error)}"
         )
     try:
+        plain = _gradient(model, family.kind, embeds, None)
+    except Exception as error:
+        return Result(
+            "unbuildable", f"its gradient fails: {type(error).__name__}: {_first_line(error)}"
+        )
+    try:
         sites = find_rule_sites(model)
         x = embeds.clone().requires_grad_()
         with gim_rules(model):
             got = outputs(model, family.kind, x)
         assert torch.equal(got.detach(), expected), "forward changed under gim_rules"
         attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
-        plain = _gradient(model, family.kind, embeds, None)
         parts = {
             "softmax": sites.attentions + sites.traced_attentions + sites.torch_attentions,
             "qkv": sites.attentions + sites.traced_attentions + sites.torch_attentions,
@@ -451,6 +684,7 @@ BUILD_REASONS = {
     "parameters after shrinking": "over 5M parameters after shrinking",
     "building takes over": f"build takes over {BUILD_SECONDS} s",
     "forward fails": "forward fails on the tiny model",
+    "gradient fails": "gradient fails on the tiny model",
     "not deterministic": "forward not deterministic",
 }
 
@@ -565,7 +799,9 @@ def _details(results: dict[str, Result]) -> list[str]:
     lines += ["", "## Families that cannot be built from a tiny config", ""]
     for name, result in results.items():
         if result.status == "unbuildable":
-            lines.append(f"- **{name}**: {_md(result.detail)}")
+            detail = _md(result.detail)
+            why = WHY_UNBUILDABLE.get(name)
+            lines.append(f"- **{name}**: {why} ({detail})" if why else f"- **{name}**: {detail}")
     return [*lines, ""]
 
 
@@ -640,6 +876,43 @@ def test_gpt_oss_sinks_keep_the_forward_and_get_the_tempered_softmax() -> None:
     want = reference_gradient(model, lambda e: _logits(model, e), embeds, TARGET, config)
     assert float((grad - want).norm() / want.norm()) < 1e-5
     assert float((grad - _gradient_plain(model, embeds)).norm()) > 1e-4
+
+
+def _with_settings(model_type: str, **settings: object) -> Result:
+    """The coverage case of ``model_type`` with more attributes set after shrinking."""
+    saved = AFTER_SHRINKING.get(model_type)
+    AFTER_SHRINKING[model_type] = {**(saved or {}), **settings}
+    try:
+        return run_case(Family(model_type, model_type), "eager")
+    finally:
+        if saved is None:
+            del AFTER_SHRINKING[model_type]
+        else:
+            AFTER_SHRINKING[model_type] = saved
+
+
+def test_gemma4_moe_kv_sharing_and_per_layer_inputs_equal_the_reference() -> None:
+    """Gemma 4 text with experts beside its MLP, the last two layers reading the
+    key/value states of earlier ones, and per-layer input embeddings."""
+    result = _with_settings(
+        "gemma4_text",
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+    )
+    assert result.status == "every rule" and result.reference.startswith("equal"), result
+
+
+def test_gemma3n_activation_sparse_gate_is_refused_and_exact_without_it() -> None:
+    """Gemma 3n's first layers keep the top 5 % of the gate (a product GIM does not
+    split); without that sparsity every rule applies and equals the reference."""
+    assert run_case(Family("gemma3n_text", "gemma3n_text"), "eager").status == "refused"
+    dense = _with_settings("gemma3n_text", activation_sparsity_pattern=[0.0] * 4)
+    assert dense.status == "every rule" and dense.reference.startswith("equal"), dense
 
 
 def _gradient_plain(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:

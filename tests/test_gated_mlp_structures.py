@@ -389,6 +389,17 @@ def test_shared_experts_with_parameter_projections_are_refused_by_name() -> None
         find_rule_sites(nn.ModuleDict({"shared_experts": shared}))
 
 
+def test_dbrx_expert_glu_with_parameter_projections_is_refused_by_name() -> None:
+    """DBRX's experts compute ``act(x w1^T) * (x v1^T)`` from bare parameters."""
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxExpertGLU
+
+    config = DbrxConfig(d_model=32, ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4})
+    glu = DbrxExpertGLU(config.ffn_config)
+    with pytest.raises(UnsupportedModuleError, match=r"DbrxExpertGLU.*w1 and v1.*parameter"):
+        find_rule_sites(nn.ModuleDict({"mlp": glu}))
+
+
 # --- LFM2: w1/w3 with the activation called inline; Moshi, JetMoE: fused by width -----------
 
 

@@ -66,6 +66,8 @@ PROJECTIONS = {
     "megatron-bert": ("self.query", "self.key", "self.value"),
     "big_bird": ("self.query", "self.key", "self.value"),
     "xlm": (".q_lin", ".k_lin", ".v_lin"),
+    "git": ("self.query", "self.key", "self.value"),
+    "mvp": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mpt": ("attn.Wqkv", "thirds"),
     "openai-gpt": ("attn.c_attn", "thirds"),
     "bloom": ("self_attention.query_key_value", "per_head"),

@@ -311,7 +311,10 @@ def eager_gim_attention(
         scores = scores + mask
     sinks = _sinks(module, kwargs)
     if sinks is not None:
-        sink_logits = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        if sinks.dim() == scores.dim():  # one logit per query (Inkling 2): b x h x q x 1
+            sink_logits = sinks.expand(*scores.shape[:-1], 1)
+        else:  # one logit per head (gpt-oss)
+            sink_logits = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         scores = torch.cat([scores, sink_logits.to(scores.dtype)], dim=-1)
         probs = tempered_softmax(scores, temperature)[..., :-1].to(query.dtype)
     else:
@@ -322,8 +325,8 @@ def eager_gim_attention(
 
 
 def _sinks(module: nn.Module, kwargs: dict[str, Any]) -> Tensor | None:
-    """Attention sinks (gpt-oss): one extra logit per head that takes probability
-    mass and is dropped after the softmax."""
+    """Attention sinks: one extra logit per head (gpt-oss) or per query (Inkling 2)
+    that takes probability mass and is dropped after the softmax."""
     for name in _SINK_KEYWORDS:
         if isinstance(kwargs.get(name), Tensor):
             return kwargs[name]

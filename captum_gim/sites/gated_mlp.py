@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from captum_gim.rules.norms import forward_tolerance
 
 #: (gate, up) projection names of separate-projection gated MLPs.
-SEPARATE_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("wi_0", "wi_1"))
+SEPARATE_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"), ("w1", "v1"), ("wi_0", "wi_1"))
 #: Fused gate/up projections whose first half is the gate.
 FUSED_NAMES = ("gate_up_proj", "Wi")
 #: Projections that are a fused gate/up projection when they are twice as wide
@@ -160,7 +160,7 @@ def looks_like_gated_mlp(module: nn.Module) -> bool:
     r"""
     Returns:
         *bool*: True when ``module`` has the parts of a gated MLP by name (a
-        gate and an up part, ``w1``/``w3``) or by shape (a projection twice as
+        gate and an up part, ``w1``/``w3``, ``w_0``/``w_1``) or by shape (a projection twice as
         wide as its down projection reads), so that not recognising it must be
         reported.
     """
@@ -171,6 +171,7 @@ def looks_like_gated_mlp(module: nn.Module) -> bool:
     return (
         (has_gate and has_up)
         or {"w1", "w3"} <= names
+        or {"w_0", "w_1"} <= names  # CPM-Ant: act(w_0(x)) * w_1(x), read by the parent's w_out
         or any(_is_twice_as_wide(module, fused, down) for fused, down in FUSED_BY_WIDTH_NAMES)
     )
 
