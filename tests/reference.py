@@ -10,7 +10,8 @@ is unchanged plus a surrogate whose autograd derivative is the rule:
 
 Attention is re-implemented in plain tensor code, routed through a test-only
 attention implementation name whose masks are transformers' eager masks, and the
-mixture-of-experts layers are recomputed token by token.
+mixture-of-experts layers are recomputed token by token (Llama 4's rows, already
+sorted by expert, expert by expert; gpt-oss's clamped SwiGLU with its biases).
 
 Each norm's formula comes from the table ``NORM_FORMULAS`` (written from the
 transformers sources, by class name) or, for PyTorch's own classes, from its
@@ -193,9 +194,59 @@ def _check(module: nn.Module, value: Tensor, output: Tensor) -> None:
 def _experts_surrogate(module: nn.Module, config: GIMConfig, output: Tensor, args: tuple) -> Tensor:
     """Mixture-of-experts weights [experts, 2 * inner, hidden] and [experts, hidden, inner]."""
     try:
+        if len(args) == 1:  # Llama 4: the input rows already sorted by expert
+            return _experts_by_expert(module, config, output, args[0])
+        if hasattr(module, "gate_up_proj_bias"):  # gpt-oss
+            return _clamped_experts_by_token(module, config, output, *args)
         return _experts_by_token(module, config, output, *args)
     except (AttributeError, TypeError, IndexError, RuntimeError) as error:
         raise ReferenceGap(f"{type(module).__name__} has another layout: {error}") from None
+
+
+def _experts_by_expert(
+    module: nn.Module, config: GIMConfig, output: Tensor, hidden: Tensor
+) -> Tensor:
+    """Llama 4: rows [experts * tokens, hidden], weights [experts, hidden, 2 * inner] with
+    the gate the first half, and [experts, inner, hidden]."""
+    experts = module.gate_up_proj.shape[0]
+    rows = hidden.reshape(experts, -1, hidden.shape[-1])
+    results = []
+    for expert in range(experts):
+        gate, up = (rows[expert] @ module.gate_up_proj[expert]).chunk(2, dim=-1)
+        inner = module.act_fn(scaled(gate, config.gate_scale)) * scaled(up, config.up_scale)
+        results.append(inner @ module.down_proj[expert])
+    result = torch.cat(results).reshape(output.shape)
+    _check(module, result, output)
+    return result
+
+
+def _clamped_experts_by_token(
+    module: nn.Module,
+    config: GIMConfig,
+    output: Tensor,
+    hidden: Tensor,
+    index: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """gpt-oss: weights [experts, hidden, 2 * inner] with biases, gate and up interleaved
+    (even and odd columns), ``(clamp(up) + 1) * g sigmoid(alpha g)`` for ``g = clamp(gate)``."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    result = torch.zeros_like(flat)
+    for token in range(flat.shape[0]):
+        for slot in range(index.shape[-1]):
+            expert = int(index.reshape(flat.shape[0], -1)[token, slot])
+            if expert >= module.gate_up_proj.shape[0]:
+                continue
+            gate_up = flat[token] @ module.gate_up_proj[expert] + module.gate_up_proj_bias[expert]
+            gate = scaled(gate_up[0::2], config.gate_scale).clamp(max=module.limit)
+            up = scaled(gate_up[1::2], config.up_scale).clamp(-module.limit, module.limit)
+            inner = (up + 1) * (gate * torch.sigmoid(module.alpha * gate))
+            down = inner @ module.down_proj[expert] + module.down_proj_bias[expert]
+            weight = weights.reshape(flat.shape[0], -1)[token, slot]
+            result = result.index_add(0, torch.tensor([token]), (down * weight)[None])
+    result = result.reshape(output.shape)
+    _check(module, result, output)
+    return result
 
 
 def _experts_by_token(
