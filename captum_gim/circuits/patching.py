@@ -31,13 +31,21 @@ def attribution_patching(
     components: Sequence[str] = DEFAULT_COMPONENTS,
     method: str = "gim",
     config: GIMConfig | None = None,
+    run: str = "corrupted",
 ) -> CircuitResult:
     r"""
     Estimates, for every component, the change of ``metric`` when its clean
     activation is patched into the corrupted run, as
     ``(clean - corrupted) . gradient`` summed over the component's activations,
-    with the gradient taken in the corrupted run. Costs one forward pass on each
-    prompt and one backward pass.
+    with the gradient taken in the corrupted run (``run="corrupted"``, the
+    default). With ``run="clean"`` the gradient is taken in the clean run and
+    the score is ``(corrupted - clean) . gradient``, the estimated change of
+    ``metric`` when the component's corrupted activation is patched into the
+    clean run: the convention of EAP, EAP-IG, MIB and of the GIM paper's
+    circuit experiments (use it to compare with them; it is also what
+    :func:`edge_attribution_patching` uses, whose outgoing edge scores of a
+    node sum to this node score). Costs one forward pass on each prompt and
+    one backward pass.
 
     - ``method="gim"``: the gradient is computed under
       :func:`captum_gim.gim_rules` (GIM's attribution patching);
@@ -71,6 +79,9 @@ def attribution_patching(
         method (str, optional): ``"gim"``, ``"atp"`` or ``"atp*"``. Default: ``"gim"``
         config (GIMConfig, optional): The GIM settings (``method="gim"`` only).
                     Default: ``GIMConfig()``
+        run (str, optional): The run that carries the gradient,
+                    ``"corrupted"`` or ``"clean"`` (the GIM paper's and MIB's).
+                    Default: ``"corrupted"``
 
     Returns:
         *CircuitResult*: ``.heads``, ``.mlps``, ``.residual`` (and ``.neurons``).
@@ -88,8 +99,14 @@ def attribution_patching(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if config is not None and method != "gim":
         raise ValueError(f"config= applies to method='gim' only, got method={method!r}.")
+    if run not in ("corrupted", "clean"):
+        raise ValueError(f"run must be 'corrupted' or 'clean', got {run!r}.")
+    if run == "clean" and method == "atp*":
+        raise ValueError("method='atp*' supports run='corrupted' only.")
     kinds = _check_components(components)
     clean, corrupted = _check_inputs(model, clean_inputs, corrupted_inputs)
+    if run == "clean":  # record the corrupted run, differentiate the clean one
+        clean, corrupted = corrupted, clean
     parts = find_components(model, clean["input_ids"])
     sites = sites_of(parts, kinds)
     batch = clean["input_ids"].shape[0]
@@ -134,12 +151,15 @@ def attribution_patching(
             continue
         difference = clean_acts[site] - taps[site][0]
         per_example[kind].append(_reduce(kind, parts, difference * grad_of[site]))
+    if run == "clean":
+        clean_metric, corrupted_metric = corrupted_metric, clean_metric
     return CircuitResult(
         method=method,
         per_example=_stack(per_example),
         clean_metric=clean_metric.detach(),
         corrupted_metric=corrupted_metric.detach(),
         seconds=time.perf_counter() - start,
+        extra={"run": run},
     )
 
 
