@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 POSITIVE = "#2ca02c"  # Captum: positive green
 NEGATIVE = "#d62728"  # negative red
-STYLES = {"q": "-", "k": "--", "v": ":"}
+STYLES: dict[str, Any] = {"q": "-", "k": "--", "v": ":"}
 
 
 def _position(name: str, num_heads: int) -> tuple[float, float]:
@@ -27,7 +27,9 @@ def _position(name: str, num_heads: int) -> tuple[float, float]:
     return float(head), 2.0 * int(layer) + 1
 
 
-def draw_edges(result: EdgeResult, k: int = 25, *, title: str | None = None, dpi: int = 80) -> Figure:
+def draw_edges(
+    result: EdgeResult, k: int = 25, *, title: str | None = None, dpi: int = 80
+) -> Figure:
     r"""
     Args:
         result (EdgeResult): Edge scores.
@@ -76,7 +78,12 @@ def draw_edges(result: EdgeResult, k: int = 25, *, title: str | None = None, dpi
     for name in sorted(used):
         x, y = where(name)
         axes.text(
-            x, y, name, ha="center", va="center", fontsize=8,
+            x,
+            y,
+            name,
+            ha="center",
+            va="center",
+            fontsize=8,
             bbox=dict(boxstyle="round", facecolor="#f0f0f0", edgecolor="black"),
         )
     axes.set_xlim(-0.8, num_heads - 0.2)
@@ -85,7 +92,10 @@ def draw_edges(result: EdgeResult, k: int = 25, *, title: str | None = None, dpi
     legend = [
         Line2D([], [], color=POSITIVE, label="positive score"),
         Line2D([], [], color=NEGATIVE, label="negative score"),
-        *(Line2D([], [], color="black", linestyle=s, label=f"<{c}> input") for c, s in STYLES.items()),
+        *(
+            Line2D([], [], color="black", linestyle=s, label=f"<{c}> input")
+            for c, s in STYLES.items()
+        ),
     ]
     axes.legend(handles=legend, fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes.set_title(title or f"Top {len(top)} edges ({result.method})")

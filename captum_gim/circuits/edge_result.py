@@ -86,7 +86,9 @@ class EdgeResult:
         mask = torch.zeros_like(self.mask)
         for name in names:
             if name not in index:
-                raise ValueError(f"{name!r} is not an edge of this graph (e.g. {next(iter(index))!r}).")
+                raise ValueError(
+                    f"{name!r} is not an edge of this graph (e.g. {next(iter(index))!r})."
+                )
             mask[index[name]] = True
         return mask
 
@@ -142,7 +144,10 @@ class EdgeResult:
                 nodes[name]["neurons_scores"] = self.neuron_scores[i].tolist()
         nodes["logits"] = {"in_graph": True}
         edges = {
-            self.edge_name(u, d): {"score": float(self.scores[u, d]), "in_graph": bool(in_graph[u, d])}
+            self.edge_name(u, d): {
+                "score": float(self.scores[u, d]),
+                "in_graph": bool(in_graph[u, d]),
+            }
             for u, d in self.mask.nonzero().tolist()
         }
         data = {"cfg": dict(self.config), "nodes": nodes, "edges": edges}
@@ -165,7 +170,8 @@ class EdgeResult:
         from captum_gim.circuits.graph import Graph
 
         if not isinstance(data, dict):
-            data = json.loads(Path(data).read_text(encoding="utf-8"))
+            data = dict(json.loads(Path(data).read_text(encoding="utf-8")))
+        assert isinstance(data, dict)
         missing = {"cfg", "edges"} - set(data)
         if missing:
             raise ValueError(f"Not a MIB graph: missing {sorted(missing)}.")

@@ -265,9 +265,7 @@ def run_recorded(
     stream is their sum."""
     layers = sites.layers
     n = len(layers)
-    store: dict[str, list[Any]] = {
-        k: [None] * n for k in ("x", "mid", "z", "attn", "mlp", "after")
-    }
+    store: dict[str, list[Any]] = {k: [None] * n for k in ("x", "mid", "z", "attn", "mlp", "after")}
     handles: list[Any] = []
 
     def save(key: str, i: int, value: Tensor) -> None:
@@ -436,7 +434,6 @@ def gradient_pass(
 ) -> None:
     r"""One forward and backward pass on ``inputs``; adds ``weight * delta . g``
     for every downstream input to ``accumulate``."""
-    graph = sites.graph
     layers = sites.layers
     n = len(layers)
     reads_x: list[Any] = [None] * n
@@ -523,7 +520,35 @@ def gradient_pass(
         g = grad_of[id(leaf)]
         return torch.zeros_like(leaf) if g is None else g
 
-    for i, layer in enumerate(layers):
+    with torch.no_grad():
+        _accumulate_layers(
+            sites,
+            delta,
+            accumulate,
+            weight,
+            projection_leaves,
+            grad,
+            reads_x,
+            reads_mid,
+            mlp_leaves,
+            final,
+        )
+
+
+def _accumulate_layers(
+    sites: EdgeSites,
+    delta: Tensor,
+    accumulate: _Accumulator,
+    weight: float,
+    projection_leaves: list[list[Tensor]],
+    grad: Callable[[Tensor], Tensor],
+    reads_x: list[Any],
+    reads_mid: list[Any],
+    mlp_leaves: list[Any],
+    final: list[Tensor],
+) -> None:
+    graph = sites.graph
+    for i, layer in enumerate(sites.layers):
         per_input = []  # (letter, head) order: q heads, k heads, v heads
         for letter in QKV:
             for head in range(graph.num_heads):

@@ -255,7 +255,7 @@ def auroc(edges: EdgeResult | Tensor, true_circuit: Tensor | Iterable[str]) -> f
         *float*: 1 when every true edge outranks every other edge, 0.5 for chance.
     """
     scores = edges.scores if isinstance(edges, EdgeResult) else edges
-    real = edges.mask if isinstance(edges, EdgeResult) else torch.ones_like(scores, dtype=bool)
+    real = edges.mask if isinstance(edges, EdgeResult) else torch.ones_like(scores, dtype=torch.bool)
     if isinstance(true_circuit, Tensor):
         truth = true_circuit.to(torch.bool)
     else:
@@ -263,7 +263,9 @@ def auroc(edges: EdgeResult | Tensor, true_circuit: Tensor | Iterable[str]) -> f
             raise TypeError("true_circuit as edge names needs an EdgeResult (for the node names).")
         truth = edges.mask_of(true_circuit)
     if truth.shape != scores.shape:
-        raise ValueError(f"true_circuit has shape {tuple(truth.shape)}, the scores {tuple(scores.shape)}.")
+        raise ValueError(
+            f"true_circuit has shape {tuple(truth.shape)}, the scores {tuple(scores.shape)}."
+        )
     values = scores[real].abs().double()
     labels = truth[real]
     positives, negatives = int(labels.sum()), int((~labels).sum())
@@ -447,6 +449,7 @@ def _patched_chunk(
 
 __all__ = [
     "PERCENTAGES",
+    "QKV",
     "CircuitCurve",
     "area_under",
     "auroc",
@@ -454,5 +457,4 @@ __all__ = [
     "patched_metrics",
     "prune",
     "top_edges",
-    "QKV",
 ]
