@@ -255,7 +255,9 @@ def auroc(edges: EdgeResult | Tensor, true_circuit: Tensor | Iterable[str]) -> f
         *float*: 1 when every true edge outranks every other edge, 0.5 for chance.
     """
     scores = edges.scores if isinstance(edges, EdgeResult) else edges
-    real = edges.mask if isinstance(edges, EdgeResult) else torch.ones_like(scores, dtype=torch.bool)
+    real = (
+        edges.mask if isinstance(edges, EdgeResult) else torch.ones_like(scores, dtype=torch.bool)
+    )
     if isinstance(true_circuit, Tensor):
         truth = true_circuit.to(torch.bool)
     else:
