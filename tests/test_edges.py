@@ -28,6 +28,7 @@ from captum_gim.circuits import (
     evaluate_circuits,
     prune,
 )
+from captum_gim.circuits.graph import ungrouped
 
 HEADS, LAYERS, LENGTH = 4, 2, 6
 
@@ -525,11 +526,24 @@ def test_parallel_blocks_have_no_edges_from_a_layers_heads_to_its_mlp() -> None:
 # ----------------------------------------------------------------------- errors
 
 
-def test_refuses_grouped_query_attention() -> None:
+@pytest.mark.parametrize("method", ["eap", "gim"])
+def test_grouped_query_attention_is_scored_on_an_ungrouped_copy(method: str) -> None:
     model = FAMILY_BY_NAME["llama"].build("eager")  # 2 key/value heads for 4 query heads
     clean, corrupted = prompts()
-    with pytest.raises(UnsupportedModuleError, match="grouped-query"):
-        edge_attribution_patching(model, clean, corrupted, metric)
+    with torch.no_grad():
+        before = model(**clean).logits
+        copy = ungrouped(model)
+        assert torch.allclose(copy(**clean).logits, before, atol=1e-5)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16
+    edges = edge_attribution_patching(model, clean, corrupted, metric, method=method)
+    nodes = attribution_patching(
+        model, clean, corrupted, metric, method="atp" if method == "eap" else "gim", run="clean"
+    )
+    sums = edges.scores.sum(1)
+    assert torch.allclose(sums[1:5], nodes.heads[0], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(sums[6:10], nodes.heads[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(model(**clean).logits, before)
 
 
 def test_refuses_post_norm_models() -> None:

@@ -37,6 +37,7 @@ from captum_gim.circuits.graph import (
     check_additive,
     find_edge_sites,
     head_outputs,
+    ungrouped,
 )
 from captum_gim.circuits.patching import _check_inputs, _metric_of
 
@@ -102,8 +103,9 @@ def edge_attribution_patching(
 
     Args:
         model (nn.Module): A pre-norm transformers model (Llama, Qwen, Mistral,
-                    Gemma 1, GPT-2, GPT-NeoX, ...) with one key/value head per
-                    query head, in eval mode.
+                    Gemma 1, GPT-2, GPT-NeoX, ...) in eval mode; with
+                    grouped-query attention it is scored on an ungrouped copy
+                    (see :func:`captum_gim.circuits.graph.ungrouped`).
         clean_inputs (Tensor or dict): Token ids (``batch x tokens``) or a
                     tokenizer output with ``input_ids`` and ``attention_mask``.
         corrupted_inputs (Tensor or dict): The same form, shape and mask.
@@ -138,6 +140,7 @@ def edge_attribution_patching(
     start = time.perf_counter()
     _check_options(method, intervention, steps, level, config)
     clean, corrupted = _check_inputs(model, clean_inputs, corrupted_inputs)
+    model = ungrouped(model)
     sites = find_edge_sites(model, clean["input_ids"])
     graph = sites.graph
     batch = clean["input_ids"].shape[0]

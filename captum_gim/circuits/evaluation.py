@@ -35,7 +35,14 @@ from captum_gim.circuits.edges import (
     intervention_source,
     run_recorded,
 )
-from captum_gim.circuits.graph import QKV, EdgeSites, Graph, find_edge_sites, head_outputs
+from captum_gim.circuits.graph import (
+    QKV,
+    EdgeSites,
+    Graph,
+    find_edge_sites,
+    head_outputs,
+    ungrouped,
+)
 from captum_gim.circuits.patching import _check_inputs, _checked, _metric_input, _slice_batch
 from captum_gim.circuits.result import rank
 
@@ -166,6 +173,7 @@ def evaluate_circuits(
     if list(percentages) != sorted(percentages) or not all(0 <= p <= 100 for p in percentages):
         raise ValueError(f"percentages must increase within [0, 100], got {tuple(percentages)}.")
     clean, corrupted = _check_inputs(model, clean_inputs, corrupted_inputs)
+    model = ungrouped(model)
     sites = find_edge_sites(model, clean["input_ids"])
     graph = sites.graph
     real = graph.real_edges()

@@ -274,8 +274,8 @@ def _projections(
         if sizes != [width] * 3:
             raise UnsupportedModuleError(
                 f"Block '{label}': q/k/v projections have {sizes} output features, not "
-                f"{width} each; grouped-query attention (fewer key/value heads) is not "
-                "supported by edge attribution patching yet (MIB ungroups the heads)."
+                f"{width} each (grouped-query attention that captum_gim.circuits.graph."
+                "ungrouped could not ungroup: it needs k_proj/v_proj and num_key_value_groups)."
             )
         return tuple(
             Projection(
@@ -343,3 +343,60 @@ def check_additive(label: str, before: Tensor, parts: list[Tensor], after: Tenso
             f"{deviation:.3g}), e.g. a norm after the attention or MLP output (Gemma 2/3) or a "
             "post-norm block (BERT); MIB's edge graph does not fit this model."
         )
+
+
+def ungrouped(model: nn.Module) -> nn.Module:
+    r"""
+    ``model`` itself, or, for grouped-query attention (fewer key/value heads
+    than query heads), a copy in which every query head has its own copy of
+    its group's key and value projection rows, as MIB's TransformerLens
+    setting ``ungroup_grouped_query_attention`` does. The copy computes the
+    same function (up to float rounding of the wider projections) and its
+    GIM gradients are the same: the key/value gradient scale is linear, so
+    scaling each copy equals scaling the shared head once. ``model`` is not
+    changed.
+
+    Args:
+        model (nn.Module): A transformers model.
+
+    Returns:
+        *nn.Module*: ``model`` or its ungrouped copy (in eval mode).
+    """
+    grouped = [
+        m
+        for m in model.modules()
+        if int(getattr(m, "num_key_value_groups", 1) or 1) > 1
+        and isinstance(getattr(m, "k_proj", None), nn.Linear)
+        and isinstance(getattr(m, "v_proj", None), nn.Linear)
+    ]
+    if not grouped:
+        return model
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+        if groups <= 1 or not isinstance(getattr(module, "k_proj", None), nn.Linear):
+            continue
+        head_dim = int(module.head_dim)
+        for name in ("k_proj", "v_proj"):
+            old = getattr(module, name)
+            new = nn.Linear(
+                old.in_features,
+                old.out_features * groups,
+                bias=old.bias is not None,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
+            with torch.no_grad():
+                rows = old.weight.unflatten(0, (-1, head_dim)).repeat_interleave(groups, dim=0)
+                new.weight.copy_(rows.flatten(0, 1))
+                if old.bias is not None:
+                    bias = old.bias.unflatten(0, (-1, head_dim)).repeat_interleave(groups, dim=0)
+                    new.bias.copy_(bias.flatten(0, 1))
+            setattr(module, name, new)
+        module.num_key_value_groups = 1
+    config = getattr(clone, "config", None)
+    if config is not None and hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = config.num_attention_heads
+    return clone.eval()
