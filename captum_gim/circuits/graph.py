@@ -378,7 +378,7 @@ def ungrouped(model: nn.Module) -> nn.Module:
         groups = int(getattr(module, "num_key_value_groups", 1) or 1)
         if groups <= 1 or not isinstance(getattr(module, "k_proj", None), nn.Linear):
             continue
-        head_dim = int(module.head_dim)
+        head_dim = int(module.head_dim)  # type: ignore[arg-type]
         for name in ("k_proj", "v_proj"):
             old = getattr(module, name)
             new = nn.Linear(
@@ -395,7 +395,7 @@ def ungrouped(model: nn.Module) -> nn.Module:
                     bias = old.bias.unflatten(0, (-1, head_dim)).repeat_interleave(groups, dim=0)
                     new.bias.copy_(bias.flatten(0, 1))
             setattr(module, name, new)
-        module.num_key_value_groups = 1
+        setattr(module, "num_key_value_groups", 1)  # noqa: B010
     config = getattr(clone, "config", None)
     if config is not None and hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = config.num_attention_heads
