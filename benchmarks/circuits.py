@@ -26,10 +26,15 @@ with the estimate ``grad_scores . delta_scores`` from the plain softmax gradient
 and from the tempered softmax backward (T = 2) of GIM's rule 1, applied at that
 head only.
 
+MIB-style edge tables (CPR, CMD, AUROC of ``gim``, ``eap``, ``eap-ig-inputs``,
+``eap-ig-activations`` and ``exact`` on every bundled model) come from
+``benchmarks/circuit_edges.py``, run first.
+
 Usage::
 
-    python benchmarks/circuits.py          # full run, writes the section of benchmarks/RESULTS.md
+    python benchmarks/circuits.py          # full run, writes the sections of benchmarks/RESULTS.md
     python benchmarks/circuits.py --fast   # smoke run, writes RESULTS.md in a temporary folder
+    python benchmarks/circuits.py --only edges   # only the MIB-style edge tables
 """
 
 from __future__ import annotations
@@ -85,15 +90,13 @@ class Task:
 # ----------------------------------------------------------------------- tasks
 
 
-def bundled_task(n: int) -> Task:
+def bundled_task(n: int, seed: int = 2_000_000) -> Task:
     r"""(a) The redundant-evidence Llama, two evidence words swapped to the other polarity."""
     from captum_gim.models import load_model, load_task, make_examples
 
     model, tokenizer = load_model(attn_implementation="sdpa")
     task = load_task()
-    examples = [
-        e for e in make_examples(n, seed=2_000_000, num_evidence=2) if e.answer != "neutral"
-    ]
+    examples = [e for e in make_examples(n, seed=seed, num_evidence=2) if e.answer != "neutral"]
     swap = {}
     for a, b in zip(task.positive_words, task.negative_words):
         ia, ib = tokenizer.convert_tokens_to_ids(a), tokenizer.convert_tokens_to_ids(b)
@@ -164,12 +167,12 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1)
 
 
-def induction_task(n: int) -> Task:
+def induction_task(n: int, seed: int = 3_000_000) -> Task:
     r"""(c) The induction Llama: corrupt the earlier copy of the answer."""
     from captum_gim.models import load_model
 
     model, _ = load_model("induction_llama", attn_implementation="sdpa")
-    generator = torch.Generator().manual_seed(3_000_000)
+    generator = torch.Generator().manual_seed(seed)
     first, symbols, half = 3, 32, 8
     clean = torch.stack(
         [torch.randperm(symbols, generator=generator)[:half] + first for _ in range(n)]
@@ -413,10 +416,22 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few examples, temporary output")
     parser.add_argument("--out", type=Path, default=None, help="RESULTS.md to write")
+    parser.add_argument(
+        "--only",
+        choices=("components", "edges"),
+        default=None,
+        help="run only the component tables or only the edge (MIB) tables",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     n_bundled, n_minilm, n_induction = (4, 2, 4) if args.fast else (64, 16, 64)
     out = args.out or (Path(tempfile.mkdtemp()) / "RESULTS.md" if args.fast else RESULTS)
+    if args.only != "components":
+        import circuit_edges
+
+        circuit_edges.main(["--fast"] if args.fast else [], out=out)
+        if args.only == "edges":
+            return out
     start = time.perf_counter()
     tasks = [bundled_task(n_bundled), minilm_task(n_minilm), induction_task(n_induction)]
     correlations, repairs = [], []

@@ -1,0 +1,215 @@
+r"""MIB-style circuit localization on the bundled models: edge scores from
+``gim``, ``eap``, ``eap-ig-inputs``, ``eap-ig-activations`` and ``exact``,
+judged by MIB's faithfulness curve (CPR, higher is better; CMD, lower is
+better) and, where the true circuit is known, AUROC.
+
+Tasks (attribution prompts and evaluation prompts are disjoint, as in MIB):
+
+- redundant-evidence Llama: two evidence words swapped to the other polarity;
+  metric: logit of the clean answer minus the other answer;
+- induction Llama: the earlier copy of the answer replaced by an unused symbol;
+  metric: logit of the answer minus the replacement;
+- IOI-style names Llama and the planted-circuit Llama
+  (:mod:`captum_gim.models.circuit_tasks`): the subject replaced by a third
+  name; metric: logit of the indirect object minus the subject.
+
+Run by ``python benchmarks/circuits.py`` (section ``circuit-edges`` of
+``benchmarks/RESULTS.md``) or alone: ``python benchmarks/circuit_edges.py [--fast]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import results
+from torch import Tensor, nn
+
+from captum_gim.circuits import auroc, edge_attribution_patching, evaluate_circuits
+
+SECTION = "circuit-edges"
+METHODS = ("gim", "eap", "eap-ig-inputs", "eap-ig-activations", "exact")
+STEPS = 5
+
+
+@dataclass
+class EdgeTask:
+    r"""A model, attribution and evaluation prompt pairs, a metric per split."""
+
+    name: str
+    model: nn.Module
+    attribute: tuple[Any, Any, Callable[[Tensor], Tensor]]
+    evaluate: tuple[Any, Any, Callable[[Tensor], Tensor]]
+    truth: list[str] | None = None
+
+
+def _bundled_split(n: int, seed: int) -> tuple[Any, Any, Callable[[Tensor], Tensor]]:
+    import circuits
+
+    task = circuits.bundled_task(n, seed=2_000_000 + 100_000 * seed)
+    return task.clean, task.corrupted, task.metric
+
+
+def _induction_split(n: int, seed: int) -> tuple[Any, Any, Callable[[Tensor], Tensor]]:
+    import circuits
+
+    task = circuits.induction_task(n, seed=3_000_000 + 100_000 * seed)
+    return task.clean, task.corrupted, task.metric
+
+
+def _names_split(n: int, seed: int) -> tuple[Any, Any, Callable[[Tensor], Tensor]]:
+    from captum_gim.models.circuit_tasks import names_prompts
+
+    prompts = names_prompts(n, seed=10_000_000 + seed)
+    return prompts.clean, prompts.corrupted, prompts.metric
+
+
+def tasks(n: int) -> list[EdgeTask]:
+    r"""The four bundled models' tasks, ``n`` attribution and ``n`` evaluation prompts."""
+    import circuits
+
+    from captum_gim.models import load_model
+    from captum_gim.models.circuit_tasks import planted_circuit
+
+    bundled = circuits.bundled_task(n)
+    out = [
+        EdgeTask(
+            "redundant-evidence Llama",
+            bundled.model,
+            (bundled.clean, bundled.corrupted, bundled.metric),
+            _bundled_split(n, 1),
+        ),
+    ]
+    induction = load_model("induction_llama", attn_implementation="sdpa")[0]
+    out.append(
+        EdgeTask("induction Llama", induction, _induction_split(n, 0), _induction_split(n, 1))
+    )
+    names = load_model("ioi_llama", attn_implementation="sdpa")[0]
+    out.append(EdgeTask("IOI-style names Llama", names, _names_split(n, 0), _names_split(n, 1)))
+    planted = load_model("planted_circuit_llama", attn_implementation="sdpa")[0]
+    out.append(
+        EdgeTask(
+            "planted-circuit Llama",
+            planted,
+            _names_split(n, 2),
+            _names_split(n, 3),
+            planted_circuit(),
+        )
+    )
+    return out
+
+
+def run(task: EdgeTask) -> list[dict[str, Any]]:
+    r"""Scores and evaluates every method on one task."""
+    rows = []
+    clean, corrupted, metric = task.attribute
+    e_clean, e_corrupted, e_metric = task.evaluate
+    for method in METHODS:
+        start = time.perf_counter()
+        edges = edge_attribution_patching(
+            task.model, clean, corrupted, metric, method=method, steps=STEPS
+        )
+        seconds = time.perf_counter() - start
+        curve = evaluate_circuits(task.model, edges, e_clean, e_corrupted, e_metric)
+        rows.append(
+            {
+                "task": task.name,
+                "method": method,
+                "cpr": curve.cpr,
+                "cmd": curve.cmd,
+                "auroc": None if task.truth is None else auroc(edges, task.truth),
+                "seconds": seconds,
+                "edges": int(edges.mask.sum()),
+                "curve": curve,
+            }
+        )
+        print(f"  {task.name} {method}: CPR {curve.cpr:.3f} CMD {curve.cmd:.3f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    r"""The markdown table of all rows."""
+    lines = [
+        "| model | method | CPR (higher better) | CMD (lower better) | AUROC | scoring time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        a = "" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['cpr']:.3f} | {r['cmd']:.3f} | {a} | "
+            f"{r['seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def notes(rows: list[dict[str, Any]]) -> str:
+    r"""Plain-language notes: where GIM's CPR/CMD beat EAP's and EAP-IG's, and where not."""
+    out = []
+    wins = 0
+    for name in dict.fromkeys(r["task"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["task"] == name}
+        gim = mine["gim"]
+        rivals = [mine[m] for m in ("eap", "eap-ig-inputs", "eap-ig-activations")]
+        best_cpr = max(r["cpr"] for r in rivals)
+        best_cmd = min(r["cmd"] for r in rivals)
+        won = gim["cpr"] >= best_cpr and gim["cmd"] <= best_cmd
+        wins += won
+        verdict = "meets" if won else "misses"
+        out.append(
+            f"- {name}: GIM {verdict} the target (CPR {gim['cpr']:.3f} vs best rival "
+            f"{best_cpr:.3f}; CMD {gim['cmd']:.3f} vs best rival {best_cmd:.3f}; exact "
+            f"patching CPR {mine['exact']['cpr']:.3f}, CMD {mine['exact']['cmd']:.3f})."
+        )
+    head = (
+        f"Target (GIM's CPR at least EAP's and both EAP-IG's, and its CMD at most theirs, on "
+        f"at least two bundled models): met on {wins} of {len(out)} models."
+    )
+    return "\n".join([head, "", *out])
+
+
+def section(rows: list[dict[str, Any]], n: int, minutes: float) -> str:
+    r"""The RESULTS.md section."""
+    body = (
+        "## Circuits: edges on MIB's graph (CPR, CMD, AUROC)\n\n"
+        "`python benchmarks/circuits.py` (or `benchmarks/circuit_edges.py`). Edges of MIB's "
+        "graph (input, heads, MLPs -> q/k/v inputs of later heads, later MLPs, logits) scored "
+        f"on {n} prompt pairs with the gradient on the clean run (EAP-IG with {STEPS} steps), "
+        f"then circuits of the top 0.1 .. 100 % edges (absolute scores, pruned as MIB prunes) "
+        f"evaluated on {n} other pairs with every other edge patched to the counterfactual: "
+        "faithfulness `(m(circuit) - m(empty)) / (m(full) - m(empty))`, CPR = area under it, "
+        "CMD = area between it and 1 (MIB's definitions, linear x in fractions of edges). "
+        "AUROC: edge scores against the planted circuit. `exact` patches one edge at a time "
+        "(the reference, not a competitor). Scoring time excludes the evaluation.\n\n"
+        f"{table(rows)}\n\n{notes(rows)}\n\n"
+        f"Machine: {results.machine_description(shared=True)}. The run took {minutes:.1f} minutes."
+    )
+    return results.section(SECTION, body)
+
+
+def main(argv: list[str] | None = None, out: Path | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true", help="a few examples, temporary output")
+    parser.add_argument("--out", type=Path, default=None, help="RESULTS.md to write")
+    args = parser.parse_args(argv)
+    n = 4 if args.fast else 64
+    path = (
+        out
+        or args.out
+        or (Path(tempfile.mkdtemp()) / "RESULTS.md" if args.fast else results.RESULTS_FILE)
+    )
+    start = time.perf_counter()
+    rows = [row for task in tasks(n) for row in run(task)]
+    text = section(rows, n, (time.perf_counter() - start) / 60)
+    print(text)
+    results.write_section(path, text)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
