@@ -5,10 +5,10 @@ r"""Trains the two small circuit models shipped in ``captum_gim/models``:
   prompts replace the subject by a third name), trained normally;
 - ``planted_circuit_llama``: the same task, trained so that only two heads,
   ``a1.h0`` and ``a1.h1``, carry it (in the spirit of InterpBench's
-  interchange-intervention training): every step also runs the batch with the
+  interchange-intervention training): every step runs the batch with the
   output of every other head and MLP replaced by its output on another prompt
-  of the batch (resample ablation), and the loss asks that run to be correct
-  and to give the logits of the normal run. The true circuit is every edge
+  of the batch (resample ablation), and only that run is trained, so the two
+  heads must carry the task alone. The true circuit is every edge
   of MIB's graph into those heads' q/k/v inputs from the input, and from the
   input and those heads to the logits. It is verified by exact patching: the
   circuit alone, every other edge patched to the counterfactual, keeps the
@@ -138,7 +138,9 @@ def train(steps: int, batch: int, lr: float, planted: bool) -> LlamaForCausalLM:
             ablated = _last_logits(model, prompts.clean)
             for handle in handles:
                 handle.remove()
-            loss = loss + ce(ablated, prompts.answer) + ((ablated - logits) ** 2).mean()
+            # Only the run with every other node resampled is trained: the circuit must
+            # carry the task alone, and the other nodes' outputs are noise to it.
+            loss = ce(ablated, prompts.answer)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

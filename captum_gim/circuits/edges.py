@@ -34,6 +34,7 @@ from captum_gim.circuits.edge_result import EdgeResult
 from captum_gim.circuits.graph import (
     QKV,
     EdgeSites,
+    Graph,
     check_additive,
     find_edge_sites,
     head_outputs,
@@ -140,23 +141,20 @@ def edge_attribution_patching(
     start = time.perf_counter()
     _check_options(method, intervention, steps, level, config)
     clean, corrupted = _check_inputs(model, clean_inputs, corrupted_inputs)
-    model = ungrouped(model)
-    sites = find_edge_sites(model, clean["input_ids"])
-    graph = sites.graph
+    backend = backend_of(model, clean["input_ids"])
+    model, graph = backend.model, backend.graph
     batch = clean["input_ids"].shape[0]
     real = graph.real_edges()
 
     with torch.no_grad():
-        clean_out = run_recorded(model, sites, clean, metric)
-        corrupted_out = run_recorded(model, sites, corrupted, metric)
-        source = intervention_source(
-            model, sites, intervention, corrupted_out.nodes, clean, mean_inputs, metric
-        )
+        clean_out = backend.record(clean, metric)
+        corrupted_out = backend.record(corrupted, metric)
+        source = intervention_source(backend, intervention, corrupted_out.nodes, clean, mean_inputs)
     keep = _real_positions(clean, clean_out.nodes)
     delta = (source - clean_out.nodes) * keep  # batch x tokens x upstream x hidden
 
     if method == "exact":
-        per = _exact_scores(model, sites, clean, metric, source, real, max_batch_size)
+        per = _exact_scores(backend, clean, metric, source, real, max_batch_size)
         per = per - clean_out.metric.cpu().float()[:, None, None]
         neurons = None
     else:
@@ -169,8 +167,8 @@ def edge_attribution_patching(
             graph.n_upstream, graph.n_downstream, batch, level == "neuron", delta.device
         )
         with rules:
-            for weight, replace in _runs(method, steps, sites, clean_out, source):
-                gradient_pass(model, sites, clean, metric, delta, accumulate, weight, replace)
+            for weight, replace in _runs(method, steps, graph, clean_out.nodes, source):
+                backend.gradient_pass(clean, metric, delta, accumulate, weight, replace)
         per = accumulate.scores.cpu()
         neurons = None if accumulate.neurons is None else accumulate.neurons.cpu()
     per = per * real
@@ -184,7 +182,7 @@ def edge_attribution_patching(
         node_scores=per.mean(0).sum(1) if level in ("node", "neuron") else None,
         neuron_scores=None if neurons is None else neurons.mean(0),
         level=level,
-        config=graph.to_config(sites.parts.hidden_size),
+        config=graph.to_config(backend.hidden_size),
         clean_metric=clean_out.metric,
         corrupted_metric=corrupted_out.metric,
         seconds=time.perf_counter() - start,
@@ -211,6 +209,69 @@ def _check_options(
         )
     if method == "exact" and level == "neuron":
         raise ValueError("method='exact' scores edges and nodes, not neurons; use level='node'.")
+
+
+# -------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    r"""Where MIB's graph is in one model: a transformers model (found by
+    structure) or a TransformerLens ``HookedTransformer`` (its hook points)."""
+
+    model: nn.Module
+    graph: Graph
+    hidden_size: int
+    sites: EdgeSites | None = None
+
+    def record(self, inputs: dict[str, Tensor], metric: Metric) -> Recorded:
+        r"""One run's node outputs and metric (no gradient)."""
+        if self.sites is None:
+            from captum_gim.circuits import lens
+
+            return lens.record(self.model, inputs, metric)
+        return run_recorded(self.model, self.sites, inputs, metric)
+
+    def gradient_pass(
+        self,
+        inputs: dict[str, Tensor],
+        metric: Metric,
+        delta: Tensor,
+        accumulate: _Accumulator,
+        weight: float,
+        replace: Replace,
+    ) -> None:
+        r"""One forward and backward pass adding ``weight * delta . g`` to ``accumulate``."""
+        if self.sites is None:
+            from captum_gim.circuits import lens
+
+            lens.gradient_pass(self.model, inputs, metric, delta, accumulate, weight, replace)
+            return
+        gradient_pass(self.model, self.sites, inputs, metric, delta, accumulate, weight, replace)
+
+    def patched_chunk(
+        self, inputs: dict[str, Tensor], metric: Metric, source: Tensor, cut: Tensor
+    ) -> Tensor:
+        r"""The metric per circuit of ``cut`` (``circuits x upstream x downstream``) and example."""
+        if self.sites is None:
+            from captum_gim.circuits import lens
+
+            return lens.patched_chunk(self.model, inputs, metric, source, cut)
+        from captum_gim.circuits.evaluation import _patched_chunk
+
+        return _patched_chunk(self.model, self.sites, inputs, metric, source, cut)
+
+
+def backend_of(model: nn.Module, input_ids: Tensor) -> Backend:
+    r"""The :class:`Backend` of a model (a grouped-query model is ungrouped first)."""
+    from captum_gim.circuits.lens import is_lens, lens_graph
+
+    if is_lens(model):
+        cfg: Any = getattr(model, "cfg")  # noqa: B009
+        return Backend(model, lens_graph(model), int(cfg.d_model))
+    model = ungrouped(model)
+    sites = find_edge_sites(model, input_ids)
+    return Backend(model, sites.graph, sites.parts.hidden_size, sites)
 
 
 # ------------------------------------------------------------------ recording
@@ -330,13 +391,11 @@ def _real_positions(inputs: dict[str, Tensor], nodes: Tensor) -> Tensor:
 
 
 def intervention_source(
-    model: nn.Module,
-    sites: EdgeSites,
+    backend: Backend,
     intervention: str,
     corrupted_nodes: Tensor,
     clean: dict[str, Tensor],
     mean_inputs: Tensor | Mapping[str, Tensor] | None,
-    metric: Metric,
 ) -> Tensor:
     r"""What replaces a node's output when an edge from it is cut:
     ``batch x tokens x upstream x hidden``."""
@@ -346,15 +405,15 @@ def intervention_source(
         return torch.zeros_like(corrupted_nodes)
     inputs = clean
     if mean_inputs is not None:
-        inputs, _ = _check_inputs(model, mean_inputs, mean_inputs)
-    recorded = run_recorded(model, sites, inputs, lambda out: _zeros_metric(inputs))
+        inputs, _ = _check_inputs(backend.model, mean_inputs, mean_inputs)
+    recorded = backend.record(inputs, lambda out: _zeros_metric(inputs))
     weights = _real_positions(inputs, recorded.nodes)
     mean = (recorded.nodes * weights).sum((0, 1)) / weights.sum((0, 1))
     return mean.expand_as(corrupted_nodes).clone()
 
 
 def _zeros_metric(inputs: dict[str, Tensor]) -> Tensor:
-    return torch.zeros(inputs["input_ids"].shape[0])
+    return torch.zeros(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
 
 
 # ------------------------------------------------------------------ gradients
@@ -395,34 +454,30 @@ Replace = tuple[str, int, Tensor] | None
 
 
 def _runs(
-    method: str, steps: int, sites: EdgeSites, clean: Recorded, source: Tensor
+    method: str, steps: int, graph: Graph, clean: Tensor, source: Tensor
 ) -> Iterator[tuple[float, Replace]]:
-    """(weight, replacement) of each gradient pass of a method."""
+    """(weight, replacement) of each gradient pass of a method; a replacement is
+    (``"input"``/``"attention"``/``"mlp"``, layer, the node outputs to use:
+    ``batch x tokens x hidden``, or ``batch x tokens x heads x hidden`` for a
+    layer's attention)."""
     if method in ("eap", "gim"):
         yield 1.0, None
         return
     if method == "eap-ig-inputs":
-        clean_in, corrupted_in = clean.attention_reads[0], None
-        corrupted_in = clean_in + (source[:, :, 0] - clean.nodes[:, :, 0])
+        clean_in, corrupted_in = clean[:, :, 0], source[:, :, 0]
         for k in range(steps):
             yield 1.0 / steps, ("input", 0, corrupted_in + (k / steps) * (clean_in - corrupted_in))
         return
-    graph = sites.graph
-    groups: list[tuple[str, int, Tensor, Tensor]] = [
-        ("input", 0, clean.attention_reads[0], source[:, :, 0] - clean.nodes[:, :, 0])
-    ]
+    groups: list[tuple[str, int, slice | int]] = [("input", 0, 0)]
     for layer in range(graph.num_layers):
         heads = slice(graph.head_index(layer, 0), graph.head_index(layer, graph.num_heads))
-        attention_delta = (source[:, :, heads] - clean.nodes[:, :, heads]).sum(2)
-        groups.append(("attention", layer, clean.attention_out[layer], attention_delta))
-        m = graph.mlp_index(layer)
-        groups.append(("mlp", layer, clean.mlp_out[layer], source[:, :, m] - clean.nodes[:, :, m]))
+        groups += [("attention", layer, heads), ("mlp", layer, graph.mlp_index(layer))]
     total = len(groups) * steps
-    for kind, layer, clean_value, difference in groups:
-        corrupted_value = clean_value + difference
+    for kind, layer, index in groups:
         for k in range(1, steps + 1):
             alpha = k / steps
-            yield 1.0 / total, (kind, layer, alpha * clean_value + (1 - alpha) * corrupted_value)
+            value = alpha * clean[:, :, index] + (1 - alpha) * source[:, :, index]
+            yield 1.0 / total, (kind, layer, value)
 
 
 def gradient_pass(
@@ -487,9 +542,12 @@ def gradient_pass(
         return hook
 
     def replacement(kind: str, i: int) -> Callable[..., Any]:
-        def hook(_: nn.Module, __: Any, output: Any) -> Any:
+        def hook(module: nn.Module, __: Any, output: Any) -> Any:
             assert replace is not None
             value = replace[2].to(first(output).dtype)
+            if kind == "attention":  # per-head outputs -> the output projection's output
+                bias = getattr(module, "bias", None)
+                value = value.sum(2) if bias is None else value.sum(2) + bias
             return (value, *output[1:]) if isinstance(output, tuple) else value
 
         return hook
@@ -594,8 +652,7 @@ def norm_backward(norm: nn.Module, x: Tensor, g_out: Tensor) -> Tensor:
 
 
 def _exact_scores(
-    model: nn.Module,
-    sites: EdgeSites,
+    backend: Backend,
     clean: dict[str, Tensor],
     metric: Metric,
     source: Tensor,
@@ -608,7 +665,7 @@ def _exact_scores(
     masks = torch.zeros(len(edges), *real.shape, dtype=torch.bool)
     for j, (u, d) in enumerate(edges):
         masks[j, u, d] = True
-    values = patched_metrics(model, sites, clean, metric, source, masks, max_batch_size)
+    values = patched_metrics(backend, clean, metric, source, masks, max_batch_size)
     per = torch.zeros(clean["input_ids"].shape[0], *real.shape)
     for j, (u, d) in enumerate(edges):
         per[:, u, d] = values[j]

@@ -28,20 +28,19 @@ from torch import Tensor, nn
 from captum_gim.circuits.edge_result import EdgeResult
 from captum_gim.circuits.edges import (
     INTERVENTIONS,
+    Backend,
     Metric,
+    backend_of,
     block_input,
     first,
     hooks,
     intervention_source,
-    run_recorded,
 )
 from captum_gim.circuits.graph import (
     QKV,
     EdgeSites,
     Graph,
-    find_edge_sites,
     head_outputs,
-    ungrouped,
 )
 from captum_gim.circuits.patching import _check_inputs, _checked, _metric_input, _slice_batch
 from captum_gim.circuits.result import rank
@@ -173,9 +172,8 @@ def evaluate_circuits(
     if list(percentages) != sorted(percentages) or not all(0 <= p <= 100 for p in percentages):
         raise ValueError(f"percentages must increase within [0, 100], got {tuple(percentages)}.")
     clean, corrupted = _check_inputs(model, clean_inputs, corrupted_inputs)
-    model = ungrouped(model)
-    sites = find_edge_sites(model, clean["input_ids"])
-    graph = sites.graph
+    backend = backend_of(model, clean["input_ids"])
+    graph = backend.graph
     real = graph.real_edges()
     if tuple(edges.scores.shape) != tuple(real.shape):
         raise ValueError(
@@ -188,11 +186,9 @@ def evaluate_circuits(
     ]
     masks = torch.stack([real & ~c for c in [real, torch.zeros_like(real), *circuits]])
     with torch.no_grad():
-        recorded = run_recorded(model, sites, corrupted, metric)
-        source = intervention_source(
-            model, sites, intervention, recorded.nodes, clean, mean_inputs, metric
-        )
-        values = patched_metrics(model, sites, clean, metric, source, masks, max_batch_size)
+        recorded = backend.record(corrupted, metric)
+        source = intervention_source(backend, intervention, recorded.nodes, clean, mean_inputs)
+        values = patched_metrics(backend, clean, metric, source, masks, max_batch_size)
     means = values.double().mean(1).tolist()
     full, empty = means[0], means[1]
     return CircuitCurve(
@@ -289,8 +285,7 @@ def auroc(edges: EdgeResult | Tensor, true_circuit: Tensor | Iterable[str]) -> f
 
 
 def patched_metrics(
-    model: nn.Module,
-    sites: EdgeSites,
+    backend: Backend,
     inputs: dict[str, Tensor],
     metric: Metric,
     source: Tensor,
@@ -302,8 +297,7 @@ def patched_metrics(
     edges at once (each in its own copy of the batch).
 
     Args:
-        model (nn.Module): The model.
-        sites (EdgeSites): Its graph and sites.
+        backend (Backend): The model and where its graph is (:func:`backend_of`).
         inputs (dict): The (clean) inputs.
         metric (Callable): ``metric(logits) -> Tensor[batch]``.
         source (Tensor): What a cut edge carries, ``batch x tokens x upstream x hidden``.
@@ -317,7 +311,7 @@ def patched_metrics(
     batch = inputs["input_ids"].shape[0]
     copies = max(1, max_batch_size // batch)
     out = [
-        _patched_chunk(model, sites, inputs, metric, source, cut[begin : begin + copies])
+        backend.patched_chunk(inputs, metric, source, cut[begin : begin + copies])
         for begin in range(0, cut.shape[0], copies)
     ]
     return torch.cat(out) if out else torch.zeros(0, batch)
