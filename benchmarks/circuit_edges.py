@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import results
+import torch
 from torch import Tensor, nn
 
 from captum_gim.circuits import auroc, edge_attribution_patching, evaluate_circuits
@@ -112,10 +113,12 @@ def run(task: EdgeTask) -> list[dict[str, Any]]:
     for method in METHODS:
         start = time.perf_counter()
         edges = edge_attribution_patching(
-            task.model, clean, corrupted, metric, method=method, steps=STEPS
+            task.model, clean, corrupted, metric, method=method, steps=STEPS, max_batch_size=512
         )
         seconds = time.perf_counter() - start
-        curve = evaluate_circuits(task.model, edges, e_clean, e_corrupted, e_metric)
+        curve = evaluate_circuits(
+            task.model, edges, e_clean, e_corrupted, e_metric, max_batch_size=512
+        )
         rows.append(
             {
                 "task": task.name,
@@ -191,6 +194,68 @@ def section(rows: list[dict[str, Any]], n: int, minutes: float) -> str:
     return results.section(SECTION, body)
 
 
+LAYER_SECTION = "circuit-layers"
+
+
+def layer_section(n: int) -> str:
+    r"""The GIM paper's layer experiment on the bundled models with a one-token answer."""
+    import circuits
+
+    from captum_gim.circuits.layers import LAYER_METHODS
+    from captum_gim.metrics import layer_faithfulness
+    from captum_gim.models import load_model
+    from captum_gim.models.circuit_tasks import names_prompts
+
+    cases = []
+    bundled = circuits.bundled_task(n)
+    ids, mask = bundled.clean["input_ids"], bundled.clean["attention_mask"]
+    full = mask.bool().all(1)  # the experiment runs unpadded prompts
+    rows = torch.arange(len(ids))
+    with torch.no_grad():
+        answers = bundled.model(input_ids=ids).logits[rows, -1].argmax(-1)
+    cases.append(("redundant-evidence Llama", bundled.model, ids[full], answers[full]))
+    prompts = names_prompts(n, seed=20_000_000)
+    for name, title in (
+        ("ioi_llama", "IOI-style names Llama"),
+        ("induction_llama", "induction Llama"),
+    ):
+        model = load_model(name, attn_implementation="sdpa")[0]
+        if name == "ioi_llama":
+            cases.append((title, model, prompts.clean, prompts.answer))
+        else:
+            task = circuits.induction_task(n, seed=20_000_000)
+            with torch.no_grad():
+                top = model(**task.clean).logits[:, -1].argmax(-1)
+            cases.append((title, model, task.clean["input_ids"], top))
+    lines = [
+        "| model | layer | " + " | ".join(f"{m} comp. / suff." for m in LAYER_METHODS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in LAYER_METHODS) + " |",
+    ]
+    for title, model, ids, answers in cases:
+        start = time.perf_counter()
+        found = layer_faithfulness(model, ids, answers, steps=50)
+        for layer in range(len(found[0].comprehensiveness)):
+            cells = " | ".join(
+                f"{r.comprehensiveness[layer]:.3f} / {r.sufficiency[layer]:.3f}" for r in found
+            )
+            lines.append(f"| {title} | {layer} | {cells} |")
+        print(f"  layers {title}: {time.perf_counter() - start:.0f}s", flush=True)
+    body = (
+        "## Circuits: the GIM paper's layer experiment\n\n"
+        "`captum_gim.metrics.layer_faithfulness` (run by `python benchmarks/circuits.py`): "
+        "for each layer, the residual-stream positions the block reads are scored by "
+        "`(x - sequence mean) . gradient of the answer logit` (AtP: plain gradient; GIM: under "
+        "the rules; IG: 50 points from x to the mean), then replaced by the sequence mean at "
+        "that layer, top first (comprehensiveness, normalised AOPC over up to 50 positions, "
+        "higher is better) or keeping only the top ones (sufficiency, 50..99 % replaced, lower "
+        "is better); first and last positions are never replaced (the authors' "
+        "`evaluate_layers.py`). AtP* is not included. Answer: the model's top token at the "
+        f"last position (names task: the indirect object); up to {n} unpadded prompts.\n\n"
+        + "\n".join(lines)
+    )
+    return results.section(LAYER_SECTION, body)
+
+
 def main(argv: list[str] | None = None, out: Path | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few examples, temporary output")
@@ -207,6 +272,9 @@ def main(argv: list[str] | None = None, out: Path | None = None) -> Path:
     text = section(rows, n, (time.perf_counter() - start) / 60)
     print(text)
     results.write_section(path, text)
+    layers = layer_section(n)
+    print(layers)
+    results.write_section(path, layers)
     print(f"wrote {path}")
     return path
 

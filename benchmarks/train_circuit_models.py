@@ -6,13 +6,15 @@ r"""Trains the two small circuit models shipped in ``captum_gim/models``:
 - ``planted_circuit_llama``: the same task, trained so that only two heads,
   ``a1.h0`` and ``a1.h1``, carry it (in the spirit of InterpBench's
   interchange-intervention training): every step runs the batch with the
-  output of every other head and MLP replaced by its output on another prompt
-  of the batch (resample ablation), and only that run is trained, so the two
-  heads must carry the task alone. The true circuit is every edge
-  of MIB's graph into those heads' q/k/v inputs from the input, and from the
-  input and those heads to the logits. It is verified by exact patching: the
-  circuit alone, every other edge patched to the counterfactual, keeps the
-  faithfulness printed at the end (written to ``task.json``).
+  output of every other head and MLP replaced by its output on the
+  counterfactual prompt (the subject replaced by a third name), and only that
+  run is trained, so the two heads must carry the task alone (the other nodes
+  get no gradient and keep their small random initial weights). The true circuit is every edge
+  of MIB's graph into those heads' key and value inputs from the input, and
+  from those heads to the logits (see :func:`circuit_edges`). It is verified by
+  exact patching: the circuit alone, every other edge patched to the
+  counterfactual, keeps the faithfulness printed at the end (written to
+  ``task.json``).
 
 Two layers, four heads, hidden size 64; trained in a few minutes on one CPU core.
 
@@ -128,7 +130,7 @@ def train(steps: int, batch: int, lr: float, planted: bool) -> LlamaForCausalLM:
         loss = ce(logits, prompts.answer)
         if planted:
             store: dict[str, Tensor] = {}
-            other = prompts.clean[torch.roll(torch.arange(batch), 1)]
+            other = prompts.corrupted  # the subject replaced by a third name
             handles = _ablation_hooks(model, store, record=True)
             with torch.no_grad():
                 _last_logits(model, other)
@@ -159,10 +161,13 @@ def accuracy(model: LlamaForCausalLM, n: int = 1000) -> float:
 
 
 def circuit_edges() -> list[str]:
-    r"""The planted circuit as MIB edge names."""
-    edges = [f"input->a{at}.h{h}<{c}>" for at, h in CIRCUIT_HEADS for c in "qkv"]
-    edges += [f"a{at}.h{h}->logits" for at, h in CIRCUIT_HEADS]
-    return [*edges, "input->logits"]
+    r"""The planted circuit as MIB edge names: the key and value inputs of the two
+    heads (from the input) and their outputs to the logits. Their query inputs and
+    ``input->logits`` are left out: they read the last position, which the
+    counterfactual never changes, so no method can see them (their exact scores
+    are 0)."""
+    edges = [f"input->a{at}.h{h}<{c}>" for at, h in CIRCUIT_HEADS for c in "kv"]
+    return edges + [f"a{at}.h{h}->logits" for at, h in CIRCUIT_HEADS]
 
 
 def circuit_faithfulness(model: LlamaForCausalLM, n: int = 200) -> float:
@@ -207,10 +212,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--only", choices=("ioi_llama", "planted_circuit_llama"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = {"task": "names", "names": NAMES, "specials": list(SPECIALS)}
     for name, planted in (("ioi_llama", False), ("planted_circuit_llama", True)):
+        if args.only not in (None, name):
+            continue
         start = time.perf_counter()
         model = train(args.steps, args.batch_size, args.lr, planted)
         task: dict[str, Any] = {**base, "accuracy": accuracy(model)}

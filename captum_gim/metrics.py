@@ -26,7 +26,7 @@ from torch import Tensor
 
 from captum_gim.attr.targets import per_example_targets
 
-__all__ = ["FaithfulnessResult", "comprehensiveness", "sufficiency"]
+__all__ = ["FaithfulnessResult", "comprehensiveness", "layer_faithfulness", "sufficiency"]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)
 
@@ -581,3 +581,20 @@ def _collect(
         original_score=original,
         num_replaced=num_replaced,
     )
+
+
+def layer_faithfulness(*args: Any, **kwargs: Any) -> Any:
+    r"""
+    The GIM paper's layer experiment: residual-stream positions scored per layer
+    (GIM, AtP, IG) and judged by :func:`comprehensiveness` and
+    :func:`sufficiency` with the positions replaced by the sequence mean at that
+    layer. See :func:`captum_gim.circuits.layers.layer_faithfulness` for the
+    arguments.
+
+    Returns:
+        *list[LayerFaithfulness]*: per method, the normalised comprehensiveness
+        and sufficiency of each layer.
+    """
+    from captum_gim.circuits.layers import layer_faithfulness as run
+
+    return run(*args, **kwargs)

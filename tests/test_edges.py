@@ -659,3 +659,40 @@ def test_transformer_lens_gim_equals_its_own_hook_points() -> None:
     clean, corrupted = prompts()
     edges = edge_attribution_patching(model, clean, corrupted, metric, method="gim")
     assert relative_error(edges.scores, lens_reference(model, gim=True)) <= 1e-5
+
+
+# ------------------------------------------------------------ layer experiment
+
+
+def test_layer_position_scores_are_centred_activation_times_gradient() -> None:
+    from captum_gim.circuits.layers import position_scores
+
+    model = build("llama")
+    ids = torch.randint(3, 64, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    answers = torch.tensor([7, 9])
+    scores = position_scores(model, ids, answers, layer=1, method="atp")
+    saved = {}
+
+    def hook(_, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+        saved["x"] = x
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    handle = model.model.layers[1].register_forward_pre_hook(hook, with_kwargs=True)
+    logits = model(input_ids=ids).logits[:, -1]
+    handle.remove()
+    logits[torch.arange(2), answers].sum().backward()
+    x = saved["x"]
+    expected = ((x - x.mean(1, keepdim=True)) * x.grad).sum(-1)
+    assert torch.allclose(scores, expected, atol=1e-6)
+
+
+def test_layer_faithfulness_through_metrics() -> None:
+    from captum_gim.metrics import layer_faithfulness
+
+    model = build("gpt2")
+    ids = torch.randint(3, 64, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    rows = layer_faithfulness(model, ids, torch.tensor([7, 9]), steps=3)
+    assert [r.method for r in rows] == ["gim", "atp", "ig"]
+    assert all(len(r.comprehensiveness) == LAYERS and len(r.sufficiency) == LAYERS for r in rows)
+    assert all(math.isfinite(v) for r in rows for v in r.comprehensiveness + r.sufficiency)
