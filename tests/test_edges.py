@@ -696,3 +696,28 @@ def test_layer_faithfulness_through_metrics() -> None:
     assert [r.method for r in rows] == ["gim", "atp", "ig"]
     assert all(len(r.comprehensiveness) == LAYERS and len(r.sufficiency) == LAYERS for r in rows)
     assert all(math.isfinite(v) for r in rows for v in r.comprehensiveness + r.sufficiency)
+
+
+# -------------------------------------------------------------- bundled models
+
+
+def test_bundled_names_models_solve_the_task_and_the_planted_circuit_suffices() -> None:
+    from captum_gim.models import available_models, load_model
+    from captum_gim.models.circuit_tasks import names_prompts, planted_circuit
+
+    assert {"ioi_llama", "planted_circuit_llama"} <= set(available_models())
+    prompts = names_prompts(32, seed=99)
+    for name in ("ioi_llama", "planted_circuit_llama"):
+        model, _ = load_model(name)
+        with torch.no_grad():
+            assert bool((prompts.metric(model(prompts.clean).logits) > 0).all())
+    truth = planted_circuit()
+    edges = edge_attribution_patching(
+        model, prompts.clean, prompts.corrupted, prompts.metric, method="eap"
+    )
+    circuit = EdgeResult(**{**edges.__dict__, "scores": edges.mask_of(truth).float()})
+    share = 100 * len(truth) / int(edges.mask.sum()) + 1e-9
+    curve = evaluate_circuits(
+        model, circuit, prompts.clean, prompts.corrupted, prompts.metric, percentages=(share,)
+    )
+    assert curve.edge_counts == [len(truth)] and curve.faithfulness[0] > 0.9
