@@ -195,7 +195,7 @@ def reference_gradients(name: str, model: nn.Module, inputs: dict) -> Tensor:
         grads = torch.autograd.grad(value.sum(), [leaves[k] for k in keys], allow_unused=True)
     for h in handles:
         h.remove()
-    g = dict(zip(keys, grads))
+    g = {k: torch.zeros_like(leaves[k]) if v is None else v for k, v in zip(keys, grads)}
     order = []
     for i in range(LAYERS):
         for letter in range(3):
@@ -362,8 +362,7 @@ def test_eap_matches_exact_to_first_order() -> None:
 
 
 @pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
-def test_ig_methods_with_one_step_reduce_to_a_single_gradient(method: str) -> None:
-    """eap-ig-inputs with steps=1 is the gradient at the corrupted input (k = 0)."""
+def test_ig_methods_give_finite_scores_on_real_edges_only(method: str) -> None:
     model = build("gpt2")
     clean, corrupted = prompts()
     result = edge_attribution_patching(model, clean, corrupted, metric, method=method, steps=3)
@@ -371,6 +370,37 @@ def test_ig_methods_with_one_step_reduce_to_a_single_gradient(method: str) -> No
     assert torch.isfinite(result.scores).all()
     assert float(result.scores.abs().sum()) > 0
     assert torch.equal(result.scores != 0, (result.scores != 0) & real_edges())
+
+
+def test_eap_ig_activations_one_step_averages_runs_with_one_group_frozen() -> None:
+    """With steps=1 each run replaces one group's output (input, a layer's attention,
+    a layer's MLP) by its clean value as a constant; the gradients are averaged."""
+    model = build("gpt2")
+    clean, corrupted = prompts()
+    ig = edge_attribution_patching(
+        model, clean, corrupted, metric, method="eap-ig-activations", steps=1
+    )
+    parts = by_hand("gpt2", model)
+    delta = node_outputs("gpt2", model, corrupted) - node_outputs("gpt2", model, clean)
+    delta = delta * clean["attention_mask"][:, :, None, None]
+    frozen = [None]
+    for layer in range(LAYERS):
+        frozen += [parts["o"][layer], parts["mlp"][layer]]
+    total = torch.zeros(11, 27, dtype=torch.float64)
+    for module in frozen:
+        handle = (
+            None
+            if module is None
+            else module.register_forward_hook(lambda _, __, out: out.detach())
+        )
+        try:
+            grads = reference_gradients("gpt2", model, clean)
+        finally:
+            if handle is not None:
+                handle.remove()
+        total += torch.einsum("btfh,btkh->fk", delta.double(), grads.double()) / 3
+    expected = (total / len(frozen) * real_edges()).float()
+    assert relative_error(ig.scores, expected) <= 1e-5
 
 
 def test_eap_ig_inputs_one_step_is_gradient_at_corrupted_embeddings() -> None:
@@ -721,3 +751,20 @@ def test_bundled_names_models_solve_the_task_and_the_planted_circuit_suffices() 
         model, circuit, prompts.clean, prompts.corrupted, prompts.metric, percentages=(share,)
     )
     assert curve.edge_counts == [len(truth)] and curve.faithfulness[0] > 0.9
+
+
+def test_mean_intervention_uses_the_mean_output_over_real_positions() -> None:
+    model = build("gpt2")
+    clean, corrupted = prompts()
+    exact = edge_attribution_patching(
+        model, clean, corrupted, metric, method="exact", intervention="mean"
+    )
+    nodes = node_outputs("gpt2", model, clean)
+    weights = clean["attention_mask"][:, :, None, None].float()
+    mean = (nodes * weights).sum((0, 1)) / weights.sum((0, 1))
+    source = mean.expand_as(nodes)
+    for u, d in [(0, 26), (2, 14), (5, 25)]:
+        expected = brute_force_edge("gpt2", model, u, d, source)
+        assert math.isclose(float(exact.scores[u, d]), float(expected), rel_tol=1e-4, abs_tol=1e-5)
+    eap = edge_attribution_patching(model, clean, corrupted, metric, intervention="mean")
+    assert eap.scores.abs().sum() > 0
