@@ -157,20 +157,36 @@ def notes(rows: list[dict[str, Any]]) -> str:
     for name in dict.fromkeys(r["task"] for r in rows):
         mine = {r["method"]: r for r in rows if r["task"] == name}
         gim = mine["gim"]
-        rivals = [mine[m] for m in ("eap", "eap-ig-inputs", "eap-ig-activations")]
-        best_cpr = max(r["cpr"] for r in rivals)
-        best_cmd = min(r["cmd"] for r in rivals)
-        won = gim["cpr"] >= best_cpr and gim["cmd"] <= best_cmd
-        wins += won
-        verdict = "meets" if won else "misses"
-        out.append(
-            f"- {name}: GIM {verdict} the target (CPR {gim['cpr']:.3f} vs best rival "
-            f"{best_cpr:.3f}; CMD {gim['cmd']:.3f} vs best rival {best_cmd:.3f}; exact "
-            f"patching CPR {mine['exact']['cpr']:.3f}, CMD {mine['exact']['cmd']:.3f})."
+        rivals = {m: mine[m] for m in ("eap", "eap-ig-inputs", "eap-ig-activations")}
+        cpr_rival = max(rivals, key=lambda m: rivals[m]["cpr"])
+        cmd_rival = min(rivals, key=lambda m: rivals[m]["cmd"])
+        cpr_ok = gim["cpr"] >= rivals[cpr_rival]["cpr"]
+        cmd_ok = gim["cmd"] <= rivals[cmd_rival]["cmd"]
+        wins += cpr_ok and cmd_ok
+        parts = [
+            f"CPR {gim['cpr']:.3f} {'>=' if cpr_ok else '<'} {cpr_rival}'s "
+            f"{rivals[cpr_rival]['cpr']:.3f}",
+            f"CMD {gim['cmd']:.3f} {'<=' if cmd_ok else '>'} {cmd_rival}'s "
+            f"{rivals[cmd_rival]['cmd']:.3f}",
+        ]
+        verdict = "meets the target" if cpr_ok and cmd_ok else "misses the target"
+        line = (
+            f"- {name}: GIM {verdict} ({'; '.join(parts)}; exact patching CPR "
+            f"{mine['exact']['cpr']:.3f}, CMD {mine['exact']['cmd']:.3f})."
         )
+        if any(f > 1 for r in mine.values() for f in r["curve"].faithfulness):
+            line += (
+                " Some circuits here are more faithful than the full model (faithfulness > 1), "
+                "which CPR rewards and CMD penalises; CMD is the fairer measure here."
+            )
+        if gim["auroc"] is not None:
+            best = max(mine.values(), key=lambda r: r["auroc"])
+            line += f" AUROC: GIM {gim['auroc']:.3f}, best {best['method']} {best['auroc']:.3f}."
+        out.append(line)
     head = (
         f"Target (GIM's CPR at least EAP's and both EAP-IG's, and its CMD at most theirs, on "
-        f"at least two bundled models): met on {wins} of {len(out)} models."
+        f"at least two bundled models): met on {wins} of {len(out)} models. Scoring times are "
+        "on a CPU shared with other jobs, so they are rough."
     )
     return "\n".join([head, "", *out])
 

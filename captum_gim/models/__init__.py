@@ -5,7 +5,10 @@ Each bundled model lives in its own folder next to this file
 (``captum_gim/models/<name>/``) with a ``config.json``, a
 ``model.safetensors``, the tokenizer files and a ``task.json`` that describes
 the synthetic task it was trained on (see :mod:`captum_gim.models.tasks`).
-The models are trained by ``benchmarks/train_bundled_model.py``.
+The models are trained by ``benchmarks/train_bundled_model.py`` (``redundant_evidence_llama``),
+``benchmarks/train_induction_model.py`` (``induction_llama``) and
+``benchmarks/train_circuit_models.py`` (``ioi_llama`` and ``planted_circuit_llama``, whose
+prompts and planted circuit are in :mod:`captum_gim.models.circuit_tasks`).
 
 Examples::
 
