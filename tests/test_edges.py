@@ -227,7 +227,11 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 def test_edge_scores_equal_per_input_copies_reference(name: str, method: str) -> None:
     model = build(name)
     clean, corrupted = prompts()
-    result = edge_attribution_patching(model, clean, corrupted, metric, method=method)
+    result = edge_attribution_patching(
+        model, clean, corrupted, metric, method=method, per_example=True
+    )
+    assert result.per_example is not None and result.per_example.shape == (3, 11, 27)
+    assert torch.allclose(result.per_example.mean(0), result.scores)
     assert result.upstream[:2] == ["input", "a0.h0"] and result.downstream[-1] == "logits"
     assert result.downstream[4] == "a0.h0<k>"
     assert torch.equal(result.mask, real_edges())
