@@ -34,9 +34,12 @@ from captum_gim.circuits.graph import ungrouped
 HEADS, LAYERS, LENGTH = 4, 2, 6
 
 
-def build(name: str) -> nn.Module:
-    extra = {"num_key_value_heads": HEADS} if name == "llama" else {}
-    return FAMILY_BY_NAME[name].build("eager", **extra)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+def build(name: str, implementation: str = "eager") -> nn.Module:
+    extra = {"num_key_value_heads": HEADS} if name in LLAMA_LIKE else {}
+    return FAMILY_BY_NAME[name].build(implementation, **extra)
 
 
 def prompts() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -60,7 +63,7 @@ def metric(logits: Tensor) -> Tensor:
 
 
 def by_hand(name: str, model: nn.Module) -> dict:
-    if name == "llama":
+    if name in LLAMA_LIKE:
         blocks = model.model.layers
         return dict(
             blocks=blocks,
@@ -86,7 +89,7 @@ def by_hand(name: str, model: nn.Module) -> dict:
 def columns(name: str, letter: int, head: int) -> tuple[int, slice]:
     """(which projection, its output columns) of one head's q, k or v."""
     dim = 8
-    if name == "llama":
+    if name in LLAMA_LIKE:
         return letter, slice(head * dim, (head + 1) * dim)
     return 0, slice(letter * HEADS * dim + head * dim, letter * HEADS * dim + (head + 1) * dim)
 
@@ -122,9 +125,10 @@ def node_outputs(name: str, model: nn.Module, inputs: dict) -> Tensor:
     for h in handles:
         h.remove()
     nodes = [saved["x"]]
-    for i in range(LAYERS):
-        nodes += [head_out(name, parts["o"][i], saved[("z", i)], h) for h in range(HEADS)]
-        nodes.append(saved[("m", i)])
+    with torch.no_grad():
+        for i in range(LAYERS):
+            nodes += [head_out(name, parts["o"][i], saved[("z", i)], h) for h in range(HEADS)]
+            nodes.append(saved[("m", i)])
     return torch.stack(nodes, dim=2)
 
 
@@ -222,10 +226,16 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm()) if b.norm() > 0 else float(a.norm())
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "name, implementation",
+    [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"), ("gpt2", "sdpa")]
+    + [(name, "eager") for name in LLAMA_LIKE[1:]],
+)
 @pytest.mark.parametrize("method", ["eap", "gim"])
-def test_edge_scores_equal_per_input_copies_reference(name: str, method: str) -> None:
-    model = build(name)
+def test_edge_scores_equal_per_input_copies_reference(
+    name: str, implementation: str, method: str
+) -> None:
+    model = build(name, implementation)
     clean, corrupted = prompts()
     result = edge_attribution_patching(
         model, clean, corrupted, metric, method=method, per_example=True
