@@ -591,6 +591,22 @@ def test_grouped_query_attention_is_scored_on_an_ungrouped_copy(method: str) -> 
         assert torch.equal(model(**clean).logits, before)
 
 
+@pytest.mark.parametrize("method", ["eap", "gim"])
+def test_grouped_query_scores_equal_the_reference_on_ungrouped_heads(method: str) -> None:
+    model = FAMILY_BY_NAME["llama"].build("eager")  # 2 key/value heads for 4 query heads
+    clean, corrupted = prompts()
+    edges = edge_attribution_patching(model, clean, corrupted, metric, method=method)
+    expected = reference_scores("llama", ungrouped(model), gim=method == "gim")
+    assert relative_error(edges.scores, expected) <= 1e-5
+
+
+def test_refuses_sublayer_output_norms() -> None:
+    model = FAMILY_BY_NAME["gemma2"].build("eager")
+    clean, corrupted = prompts()
+    with pytest.raises(UnsupportedModuleError, match="not the sum of the node outputs"):
+        edge_attribution_patching(model, clean, corrupted, metric)
+
+
 def test_refuses_post_norm_models() -> None:
     model = FAMILY_BY_NAME["bert"].build("eager")
     clean, corrupted = prompts()

@@ -19,6 +19,7 @@ and sublayer output norms (Gemma 2/3) are refused.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +170,7 @@ class EdgeSites:
     layers: tuple[EdgeLayer, ...]
 
 
-_cache: dict[int, tuple[Any, EdgeSites]] = {}
+_cache: weakref.WeakKeyDictionary[nn.Module, EdgeSites] = weakref.WeakKeyDictionary()
 
 
 def find_edge_sites(model: nn.Module, input_ids: Tensor | None = None) -> EdgeSites:
@@ -190,9 +191,9 @@ def find_edge_sites(model: nn.Module, input_ids: Tensor | None = None) -> EdgeSi
                     (no norm before the attention, fused q/k/v of an unknown
                     layout, grouped-query attention).
     """
-    cached = _cache.get(id(model))
-    if cached is not None and cached[0]() is model:
-        return cached[1]
+    cached = _cache.get(model)
+    if cached is not None:
+        return cached
     parts = find_components(model, input_ids)
     blocks = [layer.block for layer in parts.layers]
     probe = torch.tensor([[0, 1]]) if input_ids is None else input_ids.reshape(-1)[:2][None]
@@ -212,9 +213,7 @@ def find_edge_sites(model: nn.Module, input_ids: Tensor | None = None) -> EdgeSi
         )
     graph = Graph(parts.num_layers, parts.num_heads, parallel.pop())
     found = EdgeSites(graph, parts, tuple(layers))
-    import weakref
-
-    _cache[id(model)] = (weakref.ref(model), found)
+    _cache[model] = found
     return found
 
 
