@@ -98,9 +98,11 @@ def edge_attribution_patching(
       one patched run per edge (batched); for validation on small models.
 
     Levels (MIB's): ``"edge"`` (the default), ``"node"`` (adds ``node_scores``,
-    each upstream node's score: the sum of its outgoing edge scores, which is
-    ``delta_u . d metric / d output of u``) and ``"neuron"`` (adds
+    each upstream node's score: the sum of its outgoing edge scores, which for
+    the gradient methods is ``delta_u . d metric / d output of u``, and for
+    ``"exact"`` the sum of the single-edge effects) and ``"neuron"`` (adds
     ``neuron_scores``, the same per hidden dimension of the node's output).
+    :func:`evaluate_circuits` evaluates edge circuits only.
 
     Args:
         model (nn.Module): A pre-norm transformers model (Llama, Qwen, Mistral,
