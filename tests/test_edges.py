@@ -74,6 +74,17 @@ def by_hand(name: str, model: nn.Module) -> dict:
             mlp=[b.mlp for b in blocks],
             final=model.model.norm,
         )
+    if name == "gpt_neox":
+        blocks = model.gpt_neox.layers
+        return dict(
+            blocks=blocks,
+            norm1=[b.input_layernorm for b in blocks],
+            norm2=[b.post_attention_layernorm for b in blocks],
+            qkv=[[b.attention.query_key_value] for b in blocks],
+            o=[b.attention.dense for b in blocks],
+            mlp=[b.mlp for b in blocks],
+            final=model.gpt_neox.final_layer_norm,
+        )
     blocks = model.transformer.h
     return dict(
         blocks=blocks,
@@ -91,6 +102,9 @@ def columns(name: str, letter: int, head: int) -> tuple[int, slice]:
     dim = 8
     if name in LLAMA_LIKE:
         return letter, slice(head * dim, (head + 1) * dim)
+    if name == "gpt_neox":  # per head: q, k, v
+        start = head * 3 * dim + letter * dim
+        return 0, slice(start, start + dim)
     return 0, slice(letter * HEADS * dim + head * dim, letter * HEADS * dim + (head + 1) * dim)
 
 
@@ -132,11 +146,11 @@ def node_outputs(name: str, model: nn.Module, inputs: dict) -> Tensor:
     return torch.stack(nodes, dim=2)
 
 
-def real_edges() -> Tensor:
+def real_edges(parallel: bool = False) -> Tensor:
     real = torch.zeros(11, 27, dtype=torch.bool)
     for layer in range(LAYERS):
         real[: 1 + 5 * layer, 13 * layer : 13 * layer + 12] = True
-        real[: 1 + 5 * layer + 4, 13 * layer + 12] = True
+        real[: 1 + 5 * layer + (0 if parallel else 4), 13 * layer + 12] = True
     real[:, 26] = True
     return real
 
@@ -219,7 +233,7 @@ def reference_scores(name: str, model: nn.Module, gim: bool) -> Tensor:
     else:
         grads = reference_gradients(name, model, clean)
     scores = torch.einsum("btfh,btkh->fk", delta.double(), grads.double()) / 3
-    return (scores * real_edges()).float()
+    return (scores * real_edges(parallel=name == "gpt_neox")).float()
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
@@ -229,7 +243,7 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 @pytest.mark.parametrize(
     "name, implementation",
     [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"), ("gpt2", "sdpa")]
-    + [(name, "eager") for name in LLAMA_LIKE[1:]],
+    + [(name, "eager") for name in (*LLAMA_LIKE[1:], "gpt_neox")],
 )
 @pytest.mark.parametrize("method", ["eap", "gim"])
 def test_edge_scores_equal_per_input_copies_reference(
@@ -244,7 +258,7 @@ def test_edge_scores_equal_per_input_copies_reference(
     assert torch.allclose(result.per_example.mean(0), result.scores)
     assert result.upstream[:2] == ["input", "a0.h0"] and result.downstream[-1] == "logits"
     assert result.downstream[4] == "a0.h0<k>"
-    assert torch.equal(result.mask, real_edges())
+    assert torch.equal(result.mask, real_edges(parallel=name == "gpt_neox"))
     expected = reference_scores(name, model, gim=method == "gim")
     assert relative_error(result.scores, expected) <= 1e-5
 
