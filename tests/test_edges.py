@@ -491,6 +491,26 @@ def test_faithfulness_is_one_with_every_edge_and_zero_with_none() -> None:
         )
 
 
+def test_node_level_circuits_keep_every_outgoing_edge_of_the_top_nodes() -> None:
+    model = build("gpt2")
+    clean, corrupted = prompts()
+    edges = edge_attribution_patching(model, clean, corrupted, metric, level="node")
+    curve = evaluate_circuits(
+        model, edges, clean, corrupted, metric, percentages=(0, 50, 100), level="node"
+    )
+    assert curve.faithfulness[0] == 0.0 and curve.faithfulness[-1] == 1.0
+    top = torch.argsort(edges.node_scores.abs(), descending=True, stable=True)[:5]
+    circuit = torch.zeros_like(edges.mask)
+    circuit[top] = True
+    expected = prune(Graph(2, 4), circuit & edges.mask)
+    assert curve.edge_counts[1] == int(expected.sum())
+    with pytest.raises(ValueError, match="needs node scores"):
+        evaluate_circuits(
+            model, EdgeResult(**{**edges.__dict__, "node_scores": None}), clean, corrupted,
+            metric, level="node",
+        )  # fmt: skip
+
+
 def test_circuit_with_one_edge_cut_equals_exact_score() -> None:
     model = build("gpt2")
     clean, corrupted = prompts()

@@ -131,6 +131,7 @@ def evaluate_circuits(
     percentages: Sequence[float] = PERCENTAGES,
     intervention: str = "patching",
     absolute: bool = True,
+    level: str = "edge",
     mean_inputs: Tensor | Mapping[str, Tensor] | None = None,
     max_batch_size: int = 64,
 ) -> CircuitCurve:
@@ -153,6 +154,9 @@ def evaluate_circuits(
         intervention (str, optional): What a cut edge carries: ``"patching"``
                     (the corrupted run), ``"mean"`` or ``"zero"``. Default: ``"patching"``
         absolute (bool, optional): Rank edges by absolute score. Default: True
+        level (str, optional): ``"edge"``, or ``"node"`` (MIB's node level: the
+                    top ``percentage`` of the upstream nodes by ``edges.node_scores``
+                    with all their outgoing edges, then pruned). Default: ``"edge"``
         mean_inputs (Tensor or dict, optional): Prompts for the mean intervention.
         max_batch_size (int, optional): Rows per patched forward pass. Default: 64
 
@@ -180,10 +184,30 @@ def evaluate_circuits(
             f"edges has scores of shape {tuple(edges.scores.shape)}, but this model's graph has "
             f"{tuple(real.shape)}; score the edges of this model."
         )
-    circuits = [
-        prune(graph, top_edges(edges.scores, real, int(p / 100 * int(real.sum())), absolute))
-        for p in percentages
-    ]
+    if level == "edge":
+        circuits = [
+            prune(graph, top_edges(edges.scores, real, int(p / 100 * int(real.sum())), absolute))
+            for p in percentages
+        ]
+    elif level == "node":
+        if edges.node_scores is None:
+            raise ValueError("level='node' needs node scores: score the edges with level='node'.")
+        nodes = edges.node_scores[:, None]
+        circuits = [
+            prune(
+                graph,
+                top_edges(
+                    nodes,
+                    torch.ones_like(nodes, dtype=torch.bool),
+                    int(p / 100 * nodes.shape[0]),
+                    absolute,
+                ).expand_as(real)
+                & real,
+            )
+            for p in percentages
+        ]
+    else:
+        raise ValueError(f"level must be 'edge' or 'node', got {level!r}.")
     masks = torch.stack([real & ~c for c in [real, torch.zeros_like(real), *circuits]])
     with torch.no_grad():
         recorded = backend.record(corrupted, metric)
