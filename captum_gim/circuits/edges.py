@@ -439,12 +439,14 @@ class _Accumulator:
 
     def add(self, delta: Tensor, gradient: Tensor, downstream: slice, reads: int, w: float) -> None:
         r"""``gradient``: batch x tokens x k x hidden for the inputs ``downstream``."""
-        d = delta[:, :, :reads].to(gradient.dtype)
+        # float32 sums (over tokens and the hidden size) also for half-precision models
+        d = delta[:, :, :reads].to(torch.float32)
+        gradient = gradient.to(torch.float32)
         s = torch.einsum("btfh,btkh->bfk", d, gradient)
-        self.scores[:, :reads, downstream] += w * s.to(self.scores.device, torch.float32)
+        self.scores[:, :reads, downstream] += w * s.to(self.scores.device)
         if self.with_neurons:
             n = d * gradient.sum(2, keepdim=True)
-            n = n.sum(1).to(torch.float32)
+            n = n.sum(1)
             if self.neurons is None:
                 self.neurons = torch.zeros(
                     self.batch, self.n_upstream, d.shape[-1], device=self.device
