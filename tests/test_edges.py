@@ -465,6 +465,7 @@ def test_model_left_as_it_was() -> None:
     evaluate_circuits(model, result, clean, corrupted, metric)
     with torch.no_grad():
         assert torch.equal(model(**clean).logits, before)
+        assert torch.equal(result.clean_metric, metric(before))  # hooks leave the forward as is
     assert all(
         not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
         for m in model.modules()

@@ -37,7 +37,6 @@ from captum_gim.circuits.edges import (
     intervention_source,
 )
 from captum_gim.circuits.graph import (
-    QKV,
     EdgeSites,
     Graph,
     head_outputs,
@@ -477,7 +476,6 @@ def _patched_chunk(
 
 __all__ = [
     "PERCENTAGES",
-    "QKV",
     "CircuitCurve",
     "area_under",
     "auroc",
