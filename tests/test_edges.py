@@ -746,9 +746,6 @@ def test_transformer_lens_eap_equals_its_own_hook_points() -> None:
     assert curve.faithfulness == [0.0, 1.0]
 
 
-@pytest.mark.skip(
-    reason="GIM on TransformerLens is made exact by helper lens's branch; unskip once it is merged"
-)
 def test_transformer_lens_gim_equals_its_own_hook_points() -> None:
     model = lens_model()
     clean, corrupted = prompts()
