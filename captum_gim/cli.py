@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from captum_gim import __version__
+from captum_gim._messages import one_line as _one_line
 from captum_gim._quiet import quiet_transformers
 from captum_gim.attr.targets import TargetError, check_text_target
 from captum_gim.baselines import BASELINES, DEFAULT_BASELINES, resolve_baseline
@@ -516,12 +517,6 @@ def _new_head_message(
         f"transformers would initialise them randomly and the explanation would be "
         f"meaningless; {fix}"
     )
-
-
-def _one_line(error: BaseException) -> str:
-    """The whole message of ``error`` on one line."""
-    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
-    return text or type(error).__name__
 
 
 # --------------------------------------------------------------------------- output

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from captum_gim.datasets.reading import one_line
+from captum_gim._messages import one_line
 from captum_gim.sites.discovery import UnsupportedModuleError
 
 __all__ = ["length_batches", "run_splitting"]

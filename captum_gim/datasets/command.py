@@ -22,6 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from captum_gim._messages import one_line
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.faithfulness import METRICS
 from captum_gim.datasets.reading import DatasetError
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> None:
             with _log_to_stderr():
                 _attribute(args)
     except (DatasetError, ValueError) as error:
-        raise cli.UserError(cli._one_line(error)) from error
+        raise cli.UserError(one_line(error)) from error
 
 
 def _attribute(args: argparse.Namespace) -> None:
@@ -232,7 +233,7 @@ def _attribute(args: argparse.Namespace) -> None:
     try:
         config = GIMConfig(**{f.name: getattr(args, f.name) for f in fields(GIMConfig)})
     except (TypeError, ValueError) as error:
-        raise cli.UserError(cli._one_line(error)) from error
+        raise cli.UserError(one_line(error)) from error
     rows = read_rows(
         args.data,
         prompt_column=args.prompt_column,

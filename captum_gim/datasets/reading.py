@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captum_gim._messages import one_line
+
 __all__ = ["FORMATS", "DatasetError", "Row", "read_rows", "rows_from_records"]
 
 #: The input formats, by the suffix that selects them.
@@ -257,9 +259,3 @@ def _read_hf_directory(path: Path, split: str | None) -> tuple[list[dict[str, An
             )
         loaded = loaded[split]
     return loaded.to_list(), list(loaded.column_names)
-
-
-def one_line(error: BaseException) -> str:
-    """The whole message of ``error`` on one line."""
-    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
-    return text or type(error).__name__

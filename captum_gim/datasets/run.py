@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captum_gim._messages import one_line
 from captum_gim._quiet import quiet_transformers
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.batching import length_batches, run_splitting
 from captum_gim.datasets.compute import Encoded, Explained, encode, explain_batch
 from captum_gim.datasets.faithfulness import METRICS, baseline_token, row_metrics
-from captum_gim.datasets.reading import DatasetError, Row, one_line, read_rows, rows_from_records
+from captum_gim.datasets.reading import DatasetError, Row, read_rows, rows_from_records
 from captum_gim.datasets.resume import chunk_files, next_chunk, remove_temporary, written_ids
 from captum_gim.datasets.sharding import Shard
 from captum_gim.datasets.writing import (
