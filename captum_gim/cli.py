@@ -475,6 +475,9 @@ def _load_model(
         "similarity": transformers.AutoModel,
     }[task]
     what = {"generate": "a causal LM", "classify": "a sequence classifier", "similarity": "a model"}
+    # attribute-dataset --device-map: accelerate places the layers while loading
+    device_map = getattr(args, "device_map", None)
+    placement = {} if device_map is None else {"device_map": device_map}
     with quiet_transformers():
         try:
             model, info = auto.from_pretrained(
@@ -484,6 +487,7 @@ def _load_model(
                 use_safetensors=None if args.allow_pickle else True,
                 dtype=DTYPES[args.dtype],
                 output_loading_info=True,
+                **placement,
             )
         except Exception as error:  # any failure here is a problem of the directory
             raise UserError(
@@ -492,6 +496,8 @@ def _load_model(
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise UserError(_new_head_message(path, task, architectures, type(model).__name__, missing))
+    if device_map is not None:
+        return model.eval()
     try:
         model = model.to(args.device)
     except Exception as error:

@@ -57,22 +57,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _explain_row(model, tokenizer, row: dict, task: str, score: str = "logit"):
+def _explain_row(model, tokenizer, row: dict, task: str, score: str = "logit", baselines=None):
     ids = tokenizer(row["prompt"]).input_ids
     target = row.get("target")
     if task == "generate" and target is not None:
         target = tokenizer(target, add_special_tokens=False).input_ids
     query = tokenizer(row["query"]).input_ids if task == "similarity" else None
-    return explain(model, tokenizer, ids, target, task=task, query_ids=query, score=score)
+    return explain(
+        model, tokenizer, ids, target, task=task, query_ids=query, score=score, baselines=baselines
+    )
 
 
-def _assert_rows_equal_explain(model, tokenizer, rows, out, task, score="logit") -> None:
+def _assert_rows_equal_explain(
+    model, tokenizer, rows, out, task, score="logit", baselines=None
+) -> None:
     """Each of ``rows`` in ``out`` equals explain() of it alone."""
     frame = load_results(out).set_index("id")
     for row in rows:
         got = frame.loc[row["id"]]
         assert got.error is None or got.error != got.error  # None or NaN
-        want = _explain_row(model, tokenizer, row, task, score)
+        want = _explain_row(model, tokenizer, row, task, score, baselines)
         assert list(got.tokens) == want.prompt_tokens
         assert list(got.target_ids) == want.target_ids
         assert list(got.target_tokens) == want.target_tokens
@@ -116,28 +120,32 @@ def _tiny_bert(cls, **kwargs):
     return cls(config).eval()
 
 
+def _tiny_classifier(kind: str, labels: dict[int, str]):
+    if kind == "bert":
+        return _tiny_bert(BertForSequenceClassification, num_labels=3, id2label=labels)
+    # a decoder classifier reads each row's last real token
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=229,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+        id2label=labels,
+        initializer_range=0.2,
+    )
+    return LlamaForSequenceClassification(config).eval()
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_classified_rows_equal_explain(bundled, tmp_path: Path, kind: str) -> None:
     _, tokenizer = bundled
     labels = {0: "no", 1: "yes", 2: "maybe"}
-    if kind == "bert":
-        model = _tiny_bert(BertForSequenceClassification, num_labels=3, id2label=labels)
-    else:  # a decoder classifier reads each row's last real token
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=229,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            num_labels=3,
-            id2label=labels,
-            initializer_range=0.2,
-        )
-        model = LlamaForSequenceClassification(config).eval()
+    model = _tiny_classifier(kind, labels)
     rows = [
         {"id": str(i), "prompt": r["prompt"], "target": ["yes", "2", None][i % 3]}
         for i, r in enumerate(_rows(9))
@@ -155,6 +163,89 @@ def test_similarity_rows_with_their_own_queries_equal_explain(bundled, tmp_path:
     ]
     out = attribute_dataset(model, tokenizer, rows, tmp_path / "out", task="similarity")
     _assert_rows_equal_explain(model, tokenizer, rows, out, "similarity")
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("baseline", ["zero", "<blank>", "pad"])
+def test_generated_rows_with_a_baseline_equal_explain_with_it(
+    bundled, tmp_path: Path, baseline: str
+) -> None:
+    model, tokenizer = bundled
+    rows = _rows(6)
+    out = attribute_dataset(
+        model, tokenizer, rows, tmp_path / "out", baselines=baseline, max_tokens_per_batch=64
+    )
+    _assert_rows_equal_explain(model, tokenizer, rows, out, "generate", baselines=baseline)
+    described = _explain_row(model, tokenizer, rows[0], "generate", baselines=baseline).baseline
+    assert json.loads((out / "metadata.json").read_text())["baseline"] == described
+
+
+@pytest.mark.parametrize(
+    ("kind", "baseline"), [("bert", "zero"), ("bert", "<blank>"), ("llama", "<blank>")]
+)
+def test_classified_rows_with_a_baseline_equal_explain_with_it(
+    bundled, tmp_path: Path, kind: str, baseline: str
+) -> None:
+    _, tokenizer = bundled
+    model = _tiny_classifier(kind, {0: "no", 1: "yes", 2: "maybe"})
+    rows = [
+        {"id": str(i), "prompt": r["prompt"], "target": ["yes", None][i % 2]}
+        for i, r in enumerate(_rows(6))
+    ]
+    out = attribute_dataset(
+        model, tokenizer, rows, tmp_path / "out", task="classify", baselines=baseline
+    )
+    _assert_rows_equal_explain(model, tokenizer, rows, out, "classify", baselines=baseline)
+
+
+def test_similarity_rows_with_a_token_baseline_equal_explain_with_it(
+    bundled, tmp_path: Path
+) -> None:
+    _, tokenizer = bundled
+    model = _tiny_bert(BertModel)
+    rows = [
+        {"id": str(i), "prompt": r["prompt"], "query": q}
+        for i, (r, q) in enumerate(zip(_rows(4), ["good", "the bad film"] * 2))
+    ]
+    out = attribute_dataset(
+        model, tokenizer, rows, tmp_path / "out", task="similarity", baselines="pad"
+    )
+    _assert_rows_equal_explain(model, tokenizer, rows, out, "similarity", baselines="pad")
+
+
+def test_an_out_written_with_another_baseline_is_refused(bundled, tmp_path: Path) -> None:
+    model, tokenizer = bundled
+    rows = _rows(3)
+    out = attribute_dataset(model, tokenizer, rows, tmp_path / "out")  # the default: zero
+    with pytest.raises(DatasetError, match=r"other baseline .*'zero baseline'"):
+        attribute_dataset(model, tokenizer, rows, out, baselines="<blank>")
+    files = sorted(out.glob("part-*"))
+    attribute_dataset(model, tokenizer, rows, out, baselines="zero")  # the same baseline
+    assert sorted(out.glob("part-*")) == files
+    other = attribute_dataset(model, tokenizer, rows, tmp_path / "blank", baselines="<blank>")
+    with pytest.raises(DatasetError, match="other baseline"):
+        attribute_dataset(model, tokenizer, rows, other, baselines="pad")
+    attribute_dataset(
+        model, tokenizer, rows, other, baselines=tokenizer.convert_tokens_to_ids("<blank>")
+    )
+
+
+def test_a_baseline_the_tokenizer_lacks_is_a_one_line_error_before_anything_runs(
+    bundled, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, tokenizer = bundled
+    with pytest.raises(ValueError, match="no mask token"):
+        attribute_dataset(model, tokenizer, _rows(2), tmp_path / "out", baselines="mask")
+    assert not (tmp_path / "out").exists()
+    data = _write_jsonl(tmp_path / "rows.jsonl", _rows(2))
+    argv = ["attribute-dataset", "--model", str(model_path()), "--data", str(data)]
+    status = main([*argv, "--out", str(tmp_path / "cli"), "--baseline", "good movie"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "--baseline: baseline 'good movie' is not one token" in err
+    assert not (tmp_path / "cli").exists()
 
 
 # --------------------------------------------------------------------------- errors of rows

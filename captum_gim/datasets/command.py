@@ -8,6 +8,8 @@ Examples::
     $ captum-gim attribute-dataset --model ./my-llama --data prompts.jsonl --out results
     $ torchrun --nproc_per_node 2 -m captum_gim attribute-dataset \
           --model ./my-llama --data prompts.jsonl --out results --device cuda
+    $ captum-gim attribute-dataset --model ./my-70b --data prompts.jsonl \
+          --out results --device-map auto --dtype bfloat16 --baseline mask
     $ captum-gim summarize results
 """
 
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from captum_gim._messages import one_line
+from captum_gim.baselines import BASELINES, resolve_baseline
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.faithfulness import METRICS
 from captum_gim.datasets.reading import DatasetError
 from captum_gim.datasets.sharding import Shard
+from captum_gim.datasets.summary import MIN_COUNT
 from captum_gim.datasets.writing import OUTPUT_FORMATS
 from captum_gim.explain import SCORES
 from captum_gim.forwards import TASKS
@@ -101,6 +105,14 @@ def add_parsers(commands: Any) -> None:
         help="explain the logit (default) or the log-probability",
     )
     run_.add_argument(
+        "--baseline",
+        default=None,
+        metavar="|".join((*BASELINES, "TOKEN")),
+        help="what each prompt token is compared with, as for explain: zero embeddings, "
+        "the tokenizer's mask or pad token, or any TOKEN of the vocabulary (a number is a "
+        "token id), at every position but the special tokens (default: zero)",
+    )
+    run_.add_argument(
         "--batch-size",
         type=_positive,
         default=None,
@@ -144,10 +156,18 @@ def add_parsers(commands: Any) -> None:
     run_.add_argument(
         "--no-resume", action="store_true", help="refuse an --out that already holds results"
     )
-    run_.add_argument(
+    where = run_.add_mutually_exclusive_group()
+    where.add_argument(
         "--device",
         default="cpu",
         help="torch device (default: cpu); 'cuda' under torchrun means cuda:LOCAL_RANK",
+    )
+    where.add_argument(
+        "--device-map",
+        default=None,
+        metavar="auto|balanced|sequential",
+        help="spread a model too large for one device over every GPU (and the CPU) with "
+        "accelerate, in one process; instead of --device",
     )
     run_.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run_.add_argument(
@@ -181,6 +201,14 @@ def add_parsers(commands: Any) -> None:
         default=50,
         metavar="N",
         help="examples per page of the report (default: 50)",
+    )
+    summary.add_argument(
+        "--min-count",
+        type=_positive,
+        default=MIN_COUNT,
+        metavar="N",
+        help="list among the tokens with the largest mean attribution only those seen at "
+        f"least N times (default: {MIN_COUNT}; 1 lists every token)",
     )
 
 
@@ -243,13 +271,23 @@ def _attribute(args: argparse.Namespace) -> None:
         split=args.split,
     )
     shard = Shard.from_environment()
+    if args.device_map is not None and shard.world_size > 1:
+        raise cli.UserError(
+            f"--device-map {args.device_map} spreads one model over every device, so it runs "
+            f"in one process, not {shard.world_size}; drop torchrun, or use --device cuda"
+        )
     if args.device == "cuda" and shard.world_size > 1:
         args.device = f"cuda:{shard.local_rank}"
     cli._check_device(args.device)
+    baselines = cli._baseline_argument(args.baseline)
     cli._check_model_dir(args.model, args.allow_pickle)
     architectures = cli._architectures(args.model)
     task = args.task or detect_task(architectures) or "generate"
     tokenizer = cli._load_tokenizer(args.model, args.trust_remote_code)
+    try:  # checked again by attribute_dataset(); here before the model is loaded
+        resolve_baseline(tokenizer, baselines, task)
+    except ValueError as error:
+        raise cli.UserError(f"--baseline: {one_line(error)}") from error
     model = cli._load_model(args.model, task, architectures, args)
     attribute_dataset(
         model,
@@ -261,6 +299,7 @@ def _attribute(args: argparse.Namespace) -> None:
         max_tokens_per_batch=args.max_tokens_per_batch,
         config=config,
         score=args.score,
+        baselines=baselines,
         resume=not args.no_resume,
         metrics=args.metrics,
         metrics_token=args.metrics_token,
@@ -275,7 +314,7 @@ def _summarize(args: argparse.Namespace) -> None:
     from captum_gim.datasets.summary import summarize
     from captum_gim.text import format_table
 
-    summary = summarize(args.dir, page_size=args.page_size)
+    summary = summarize(args.dir, page_size=args.page_size, min_count=args.min_count)
     figures = [
         [k, v if isinstance(v, (int, float)) else str(v)]
         for k, v in summary.items()

@@ -13,6 +13,10 @@ explained in one pass per batch:
 * ``"classify"`` and ``"similarity"``: :class:`~captum_gim.LayerGIM` on the token
   embeddings with the attention mask, the token ids passed to the model (so a
   decoder classifier finds each row's last real token).
+
+The baseline is that of :func:`~captum_gim.explain.explain` (zero embeddings by
+default, or a token at every position but the special ones; see
+:mod:`captum_gim.baselines`), built for each row from its own ids.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
+from captum_gim.baselines import TokenBaseline, baseline_embeddings
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.reading import Row
 from captum_gim.explain import Explanation, _check_length, _check_target_ids
@@ -138,6 +143,7 @@ def explain_batch(
     task: str,
     score: str,
     config: GIMConfig,
+    baseline: TokenBaseline | None = None,
 ) -> list[Explained]:
     r"""
     GIM attributions of every row of a batch, each equal to ``explain()`` of it alone.
@@ -149,13 +155,24 @@ def explain_batch(
         task (str): ``"generate"``, ``"classify"`` or ``"similarity"``.
         score (str): ``"logit"`` or ``"log-prob"``.
         config (GIMConfig): The GIM settings.
+        baseline (TokenBaseline, optional): The baseline, as
+                    :func:`~captum_gim.baselines.resolve_baseline` returns it; None
+                    is the zero baseline.
+                    Default: None
 
     Returns:
         *list[Explained]*: One result per row, in order.
     """
+    baseline = TokenBaseline("zero", None) if baseline is None else baseline
     if task == "generate":
-        return _generate(model, tokenizer, batch, score, config)
-    return _pooled(model, tokenizer, batch, task, score, config)
+        return _generate(model, tokenizer, batch, score, config, baseline)
+    return _pooled(model, tokenizer, batch, task, score, config, baseline)
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where the inputs go: the device of the input embeddings (the first device of
+    a model dispatched with ``device_map``)."""
+    return next(model.get_input_embeddings().parameters()).device
 
 
 def pad_right(
@@ -189,8 +206,9 @@ def _generate(
     batch: Sequence[Encoded],
     score: str,
     config: GIMConfig,
+    baseline: TokenBaseline,
 ) -> list[Explained]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id(model, tokenizer)
     missing = [i for i, e in enumerate(batch) if e.target is None]
     predicted: dict[int, int] = {}
@@ -202,11 +220,17 @@ def _generate(
     targets = [
         e.target if isinstance(e.target, list) else [predicted[i]] for i, e in enumerate(batch)
     ]
+    prompts = [torch.tensor(e.prompt_ids, device=device) for e in batch]
+    bases = None
+    if baseline.token_id is not None:  # zero embeddings are the default
+        embedding = model.get_input_embeddings()
+        bases = [baseline_embeddings(embedding, tokenizer, p[None], baseline)[0] for p in prompts]
     gim = LLMGIMAttribution(model, tokenizer, config=config, score=score)
     attributions, values = gim.batch_token_attributions(
-        [torch.tensor(e.prompt_ids, device=device) for e in batch],
+        prompts,
         [torch.tensor(t, device=device) for t in targets],
         pad_token_id=pad,
+        baselines=bases,
     )
     results = []
     for e, target_ids, rows, value in zip(batch, targets, attributions, values):
@@ -219,6 +243,7 @@ def _generate(
             token_scores=rows.detach().float().cpu(),
             score=score,
             config=config,
+            baseline=baseline.describe(),
         )
         results.append(Explained(e, explanation, float(value.sum())))
     return results
@@ -245,12 +270,13 @@ def _pooled(
     task: str,
     score: str,
     config: GIMConfig,
+    baseline: TokenBaseline,
 ) -> list[Explained]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = pad_right([e.prompt_ids for e in batch], pad_id(model, tokenizer), device)
     forward: Callable[..., Tensor]
     if task == "classify":
-        forward = classifier_forward(model, log_probs=score == "log-prob")
+        forward = classifier_forward(model, score=score)
     else:
         queries = torch.cat(
             [sentence_embedding(model, torch.tensor([e.query_ids], device=device)) for e in batch]
@@ -269,8 +295,14 @@ def _pooled(
         values = outputs[torch.arange(len(batch)), torch.tensor(labels)].tolist()
     else:
         values = outputs.tolist()
-    gim = LayerGIM(forward, model.get_input_embeddings(), model, config=config)
-    scores = gim.attribute(ids, target=target, additional_forward_args=(mask,)).sum(-1)
+    embedding = model.get_input_embeddings()
+    base = None  # zero embeddings; a token baseline keeps the special tokens (padding too)
+    if baseline.token_id is not None:
+        base = baseline_embeddings(embedding, tokenizer, ids, baseline)
+    gim = LayerGIM(forward, embedding, model, config=config)
+    scores = gim.attribute(
+        ids, target=target, additional_forward_args=(mask,), layer_baselines=base
+    ).sum(-1)
     results = []
     id2label = getattr(model.config, "id2label", {})
     for b, e in enumerate(batch):
@@ -290,6 +322,7 @@ def _pooled(
             token_scores=scores[b, :n].detach().float().cpu()[None],
             score=what[3],
             config=config,
+            baseline=baseline.describe(),
         )
         results.append(Explained(e, explanation, float(values[b])))
     return results

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from captum_gim import metrics
-from captum_gim.datasets.compute import Explained
+from captum_gim.datasets.compute import Explained, input_device
 from captum_gim.forwards import classifier_forward, similarity_forward
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def row_metrics(
         than three tokens (nothing to replace).
     """
     encoded, explanation = explained.encoded, explained.explanation
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt = encoded.prompt_ids
     if len(prompt) < 3:
         return {name: math.nan for name in names}
@@ -94,7 +94,7 @@ def row_metrics(
 
         target = None
     elif explanation.task == "classify":
-        ids, forward, target = prompt, classifier_forward(model, log_probs=log_probs), target_ids[0]
+        ids, forward, target = prompt, classifier_forward(model, score=score), target_ids[0]
     else:
         query = torch.tensor([encoded.query_ids], device=device)
         ids, forward, target = prompt, similarity_forward(model, query), None

@@ -22,6 +22,7 @@ import torch
 
 from captum_gim._messages import one_line
 from captum_gim._quiet import quiet_transformers
+from captum_gim.baselines import TokenBaseline, resolve_baseline
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.batching import length_batches, run_splitting
 from captum_gim.datasets.compute import Encoded, Explained, encode, explain_batch
@@ -47,7 +48,16 @@ __all__ = ["attribute_dataset"]
 LOG = logging.getLogger("captum_gim.datasets")
 METADATA = "metadata.json"
 #: The metadata entries that must match for a rerun to resume a directory.
-IDENTITY = ("model_config_sha256", "task", "score", "gim", "metrics", "metrics_token")
+#: (A directory written before baselines were recorded has the zero baseline, None.)
+IDENTITY = (
+    "model_config_sha256",
+    "task",
+    "score",
+    "baseline_token_id",
+    "gim",
+    "metrics",
+    "metrics_token",
+)
 
 
 def attribute_dataset(
@@ -61,6 +71,7 @@ def attribute_dataset(
     max_tokens_per_batch: int = 4096,
     config: GIMConfig | None = None,
     score: str = "logit",
+    baselines: str | int | None = None,
     resume: bool = True,
     metrics: Sequence[str] = (),
     metrics_token: str | None = None,
@@ -91,11 +102,14 @@ def attribute_dataset(
     environment variables) every process explains the rows whose
     ``crc32(id) % WORLD_SIZE`` is its rank, with its own model replica; no process
     group is needed. Rank 0 writes the metadata and, once every row is written,
-    ``summary.json`` and the HTML report (:func:`summarize`).
+    ``summary.json`` and the HTML report (:func:`summarize`). A model too large for
+    one device can be passed dispatched over several (loaded with
+    ``device_map="auto"``): the inputs go to the device of its input embeddings.
 
     Args:
         model (PreTrainedModel): A causal LM (``"generate"``), a sequence classifier
-                    (``"classify"``) or an encoder (``"similarity"``), on its device.
+                    (``"classify"``) or an encoder (``"similarity"``), on its device
+                    or dispatched over several with ``device_map``.
         tokenizer (PreTrainedTokenizerBase): Its tokenizer.
         rows (str, PathLike or Iterable): A ``.jsonl``, ``.csv`` or ``.parquet``
                     file or a saved ``datasets`` directory (columns ``id``,
@@ -116,6 +130,14 @@ def attribute_dataset(
         score (str, optional): ``"logit"`` or ``"log-prob"`` of each target token or
                     label (not used for ``"similarity"``).
                     Default: ``"logit"``
+        baselines (str or int, optional): What each prompt token is compared with,
+                    as in :func:`~captum_gim.explain.explain`: ``"zero"``,
+                    ``"mask"``, ``"pad"``, a token of the vocabulary or a token id;
+                    None is the task's default
+                    (:data:`captum_gim.baselines.DEFAULT_BASELINES`, ``"zero"``).
+                    Recorded in ``metadata.json``; an ``out`` written with another
+                    baseline is refused.
+                    Default: None
         resume (bool, optional): Skip the ids already in ``out``; with False an
                     ``out`` holding results is refused.
                     Default: True
@@ -149,6 +171,9 @@ def attribute_dataset(
         DatasetError: With one line, before anything is computed, for an
                     unreadable input, an output directory holding the results of
                     other settings, or results with ``resume=False``.
+        ValueError: With one line, before anything is computed, for an unknown
+                    task, score, metric or format, or a baseline the tokenizer
+                    does not have.
 
     Examples::
 
@@ -169,6 +194,7 @@ def attribute_dataset(
         chunk_size=chunk_size,
         batch_size=batch_size,
         max_tokens_per_batch=max_tokens_per_batch,
+        baseline=resolve_baseline(tokenizer, baselines, task),
     )
     table = _rows(rows)
     shard = Shard.from_environment()
@@ -217,6 +243,7 @@ class _Settings:
     chunk_size: int
     batch_size: int | None
     max_tokens_per_batch: int
+    baseline: TokenBaseline
 
 
 class _Worker:
@@ -258,7 +285,13 @@ class _Worker:
         """The records of a batch (raises for the whole batch)."""
         s = self.settings
         explained = explain_batch(
-            self.model, self.tokenizer, batch, task=s.task, score=s.score, config=s.config
+            self.model,
+            self.tokenizer,
+            batch,
+            task=s.task,
+            score=s.score,
+            config=s.config,
+            baseline=s.baseline,
         )
         return [self._record(e) for e in explained]
 
@@ -420,6 +453,8 @@ def _metadata(
         "model_config_sha256": hashlib.sha256(model_config.encode("utf-8")).hexdigest(),
         "task": settings.task,
         "score": "cosine similarity" if settings.task == "similarity" else settings.score,
+        "baseline": settings.baseline.describe(),
+        "baseline_token_id": settings.baseline.token_id,
         "gim": asdict(settings.config),
         "metrics": list(settings.metrics),
         "metrics_token": settings.metrics_token,
@@ -427,6 +462,7 @@ def _metadata(
         "world_size": shard.world_size,
         "max_tokens_per_batch": settings.max_tokens_per_batch,
         "batch_size": settings.batch_size,
+        "device_map": _device_map(model),
         "versions": {
             "captum_gim": captum_gim.__version__,
             "torch": torch.__version__,
@@ -437,6 +473,12 @@ def _metadata(
         "command": sys.argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _device_map(model: PreTrainedModel) -> dict[str, str] | None:
+    """The modules' devices of a model dispatched with ``device_map``, else None."""
+    device_map = getattr(model, "hf_device_map", None)
+    return {str(k): str(v) for k, v in device_map.items()} if device_map else None
 
 
 def _prepare_out(out: Path, metadata: dict[str, Any], resume: bool, shard: Shard) -> None:
@@ -453,10 +495,13 @@ def _prepare_out(out: Path, metadata: dict[str, Any], resume: bool, shard: Shard
         except ValueError as error:
             raise DatasetError(f"cannot read {str(path)!r}: {one_line(error)}") from error
         changed = [key for key in IDENTITY if old.get(key) != metadata.get(key)]
+        # the baseline by its description: "mask" and "[MASK]" are the same token
+        shown = {"baseline_token_id": ("baseline", old.get("baseline", "zero baseline"))}
+        named = [shown.get(key, (key, old.get(key))) for key in changed]
         if changed:
             raise DatasetError(
-                f"{str(out)!r} holds results with other {', '.join(changed)} "
-                f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); use a new --out"
+                f"{str(out)!r} holds results with other {', '.join(k for k, _ in named)} "
+                f"({', '.join(f'{k}={v!r}' for k, v in named)}); use a new --out"
             )
     out.mkdir(parents=True, exist_ok=True)
     if shard.rank == 0 and not path.is_file():

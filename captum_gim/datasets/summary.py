@@ -20,7 +20,10 @@ from captum_gim.datasets.writing import METRIC_COLUMNS, write_json
 
 __all__ = ["load_results", "summarize"]
 
+#: How many tokens ``top_tokens`` lists.
 TOP_TOKENS = 10
+#: The fewest occurrences of a token in ``top_tokens``: a mean over fewer says little.
+MIN_COUNT = 5
 
 
 def load_results(out: str | os.PathLike[str]) -> Any:
@@ -76,7 +79,9 @@ def _records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def summarize(out: str | os.PathLike[str], *, page_size: int = 50) -> dict[str, Any]:
+def summarize(
+    out: str | os.PathLike[str], *, page_size: int = 50, min_count: int = MIN_COUNT
+) -> dict[str, Any]:
     r"""
     Per-dataset figures of a results directory, written to ``summary.json``, and an
     HTML report: ``report.html`` (the figures and the first page) and
@@ -87,11 +92,17 @@ def summarize(out: str | os.PathLike[str], *, page_size: int = 50) -> dict[str, 
         out (str or PathLike): The output directory of a run.
         page_size (int, optional): Examples per page of the report.
                     Default: 50
+        min_count (int, optional): The fewest occurrences (over the rows without
+                    error) of a token listed in ``top_tokens``, so that a token seen
+                    once with a large score does not top the list; 1 lists every
+                    token.
+                    Default: 5
 
     Returns:
         *dict*: ``rows``, ``errors``, ``mean_value`` (over the rows without error),
-        ``top_tokens`` (the tokens with the largest mean attribution, over every
-        occurrence, with their count), the mean of each metric, throughput figures
+        ``top_tokens`` (the ten tokens with the largest mean attribution over
+        their occurrences, among those seen at least ``min_count`` times, with
+        their count), ``top_tokens_min_count``, the mean of each metric, throughput figures
         of the processes, and ``report`` (the first page).
 
     Examples::
@@ -102,6 +113,8 @@ def summarize(out: str | os.PathLike[str], *, page_size: int = 50) -> dict[str, 
     """
     from captum_gim.visualization import token_lines_html
 
+    if min_count < 1 or page_size < 1:
+        raise ValueError(f"min_count and page_size must be >= 1, got {min_count} and {page_size}.")
     out = Path(out)
     records = sorted(_records(out), key=lambda r: _id_key_one(r["id"]))
     good = [r for r in records if r.get("error") is None]
@@ -111,7 +124,7 @@ def summarize(out: str | os.PathLike[str], *, page_size: int = 50) -> dict[str, 
         for token, value in zip(record["tokens"], _summed(record["scores"])):
             sums[token] += value
             counts[token] += 1
-    means = sorted(((sums[t] / counts[t], t) for t in sums), reverse=True)
+    means = sorted(((sums[t] / counts[t], t) for t in sums if counts[t] >= min_count), reverse=True)
     summary: dict[str, Any] = {
         "rows": len(records),
         "errors": len(records) - len(good),
@@ -119,6 +132,7 @@ def summarize(out: str | os.PathLike[str], *, page_size: int = 50) -> dict[str, 
         "top_tokens": [
             {"token": t, "mean_attribution": m, "count": counts[t]} for m, t in means[:TOP_TOKENS]
         ],
+        "top_tokens_min_count": min_count,
     }
     for name in METRIC_COLUMNS:
         if any(name in r for r in records):
@@ -197,7 +211,10 @@ def _figures_html(summary: dict[str, Any]) -> str:
         f"{html.escape(repr(t['token']))} ({t['mean_attribution']:+.3g}, n={t['count']})"
         for t in summary["top_tokens"]
     )
-    lines.append(f"<li>tokens with the largest mean attribution: {tokens}</li>")
+    lines.append(
+        "<li>tokens with the largest mean attribution (seen at least "
+        f"{summary['top_tokens_min_count']} times): {tokens or 'none'}</li>"
+    )
     return f"<ul>{''.join(lines)}</ul>"
 
 
