@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
@@ -25,9 +26,11 @@ from transformers import (
 
 from captum_gim import attribute_dataset, load_results, metrics
 from captum_gim.cli import main
+from captum_gim.datasets import summarize
 from captum_gim.datasets.batching import length_batches
 from captum_gim.datasets.reading import DatasetError, read_rows
 from captum_gim.datasets.sharding import Shard
+from captum_gim.datasets.writing import write_chunk
 from captum_gim.explain import explain
 from captum_gim.forwards import logits_forward
 from captum_gim.models import make_examples, model_path
@@ -246,6 +249,59 @@ def test_a_baseline_the_tokenizer_lacks_is_a_one_line_error_before_anything_runs
     assert status == 2 and err.count("\n") == 1
     assert "--baseline: baseline 'good movie' is not one token" in err
     assert not (tmp_path / "cli").exists()
+
+
+# --------------------------------------------------------------------------- device_map
+
+
+def test_a_model_dispatched_with_a_device_map_gives_the_undispatched_rows(
+    bundled, tmp_path: Path
+) -> None:
+    model, tokenizer = bundled
+    rows = _rows(6)
+    plain = load_results(attribute_dataset(model, tokenizer, rows, tmp_path / "plain"))
+    # accelerate's hooks load layer 1 from disk for each forward pass
+    layers = {
+        f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(len(model.model.layers))
+    }
+    device_map = {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        model_path(), device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert hasattr(dispatched.model.layers[1], "_hf_hook")
+    out = attribute_dataset(dispatched, tokenizer, rows, tmp_path / "out")
+    got = load_results(out)
+    assert list(got.id) == list(plain.id)
+    for a, b in zip(got.itertuples(), plain.itertuples()):
+        assert list(a.tokens) == list(b.tokens) and list(a.target_ids) == list(b.target_ids)
+        torch.testing.assert_close(
+            torch.tensor([list(r) for r in a.scores]),
+            torch.tensor([list(r) for r in b.scores]),
+            atol=ATOL,
+            rtol=RTOL,
+        )
+    assert json.loads((out / "metadata.json").read_text())["device_map"]["model.layers.1"] == "disk"
+    attribute_dataset(model, tokenizer, rows, out)  # the same model: resumed, not refused
+
+
+def test_cli_device_map_auto_loads_through_accelerate_in_one_process(
+    bundled, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, tokenizer = bundled
+    rows = _rows(4)
+    data = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    argv = ["attribute-dataset", "--model", str(model_path()), "--data", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--device-map", "auto"]) == 0
+    _assert_rows_equal_explain(model, tokenizer, rows, tmp_path / "out", "generate")
+    both = [*argv, "--out", str(tmp_path / "both"), "--device-map", "auto", "--device", "cpu"]
+    assert main(both) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--out", str(tmp_path / "two"), "--device-map", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs in one process, not 2" in err
+    assert not (tmp_path / "two").exists()
 
 
 # --------------------------------------------------------------------------- errors of rows
@@ -559,6 +615,28 @@ def test_cli_metrics_jsonl_summarize_and_report(bundled, tmp_path: Path, capsys)
     page = (out / "report.html").read_text()
     assert page.count('<div class="row">') == 4 and 'href="report-2.html"' in page
     assert (out / "report-2.html").read_text().count('<div class="row">') == 2
+
+
+def test_top_tokens_need_a_minimum_count(tmp_path: Path, capsys) -> None:
+    common = {"tokens": ["the", "film", "?"], "target": "x", "value": 1.0, "error": None}
+    records = [
+        {**common, "id": str(i), "scores": [[0.1 * i, 1.0, 0.0]], "token_ids": [1, 2, 3]}
+        for i in range(6)
+    ]
+    records.append({**common, "id": "once", "tokens": ["rare"], "scores": [[50.0]]})
+    for record in records:
+        record.update(prompt="p", token_ids=[1] * len(record["tokens"]))
+        record.update(target_tokens=["x"], target_ids=[9])
+    write_chunk(tmp_path / "part-00000-000000.jsonl", records)
+    top = summarize(tmp_path)["top_tokens"]  # default: seen at least 5 times
+    assert [t["token"] for t in top] == ["film", "the", "?"]
+    assert top[0] == {"token": "film", "mean_attribution": 1.0, "count": 6}
+    assert top[1]["mean_attribution"] == pytest.approx(0.25)
+    assert summarize(tmp_path, min_count=1)["top_tokens"][0]["token"] == "rare"
+    assert summarize(tmp_path, min_count=7)["top_tokens"] == []
+    assert main(["summarize", str(tmp_path), "--min-count", "1"]) == 0
+    assert "rare" in capsys.readouterr().out
+    assert json.loads((tmp_path / "summary.json").read_text())["top_tokens_min_count"] == 1
 
 
 def test_summarize_an_empty_directory_is_a_one_line_error(tmp_path: Path, capsys) -> None:

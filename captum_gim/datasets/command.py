@@ -159,7 +159,7 @@ def add_parsers(commands: Any) -> None:
     where = run_.add_mutually_exclusive_group()
     where.add_argument(
         "--device",
-        default="cpu",
+        default=None,  # cpu; None lets argparse see --device cpu next to --device-map
         help="torch device (default: cpu); 'cuda' under torchrun means cuda:LOCAL_RANK",
     )
     where.add_argument(
@@ -271,6 +271,7 @@ def _attribute(args: argparse.Namespace) -> None:
         split=args.split,
     )
     shard = Shard.from_environment()
+    args.device = args.device or "cpu"
     if args.device_map is not None and shard.world_size > 1:
         raise cli.UserError(
             f"--device-map {args.device_map} spreads one model over every device, so it runs "

@@ -107,7 +107,7 @@ def summarize(
 
     Examples::
 
-        >>> from captum_gim import summarize
+        >>> from captum_gim.datasets import summarize
         >>> summarize("results")["errors"]  # doctest: +SKIP
         0
     """
