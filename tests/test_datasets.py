@@ -102,7 +102,7 @@ def test_every_generated_row_equals_explain_of_it_alone(bundled, tmp_path: Path,
     frame = load_results(out).set_index("id")
     with torch.no_grad():  # value: the explained score itself, teacher-forced
         ids = tokenizer(rows[0]["prompt"], return_tensors="pt").input_ids
-        logits = logits_forward(model, log_probs=score == "log-prob")(ids)
+        logits = logits_forward(model, score=score)(ids)
         answer = tokenizer.convert_tokens_to_ids(rows[0]["target"])
     assert frame.loc["r0"].value == pytest.approx(float(logits[0, answer]), rel=1e-5)
 
