@@ -259,17 +259,25 @@ def test_a_model_dispatched_with_a_device_map_gives_the_undispatched_rows(
 ) -> None:
     model, tokenizer = bundled
     rows = _rows(6)
-    plain = load_results(attribute_dataset(model, tokenizer, rows, tmp_path / "plain"))
-    # accelerate's hooks load layer 1 from disk for each forward pass
+    plain = load_results(
+        attribute_dataset(
+            model, tokenizer, rows, tmp_path / "plain", baselines="pad", metrics=["sufficiency"]
+        )
+    )
+    # accelerate's hooks load the embeddings, layer 1 and the head from disk for each
+    # forward pass (their weights are on the meta device)
     layers = {
         f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(len(model.model.layers))
     }
-    device_map = {"model.embed_tokens": "cpu", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+    device_map = {"model.embed_tokens": "disk", **layers, "model.norm": "cpu", "lm_head": "disk"}
     dispatched = AutoModelForCausalLM.from_pretrained(
         model_path(), device_map=device_map, offload_folder=str(tmp_path / "offload")
     ).eval()
     assert hasattr(dispatched.model.layers[1], "_hf_hook")
-    out = attribute_dataset(dispatched, tokenizer, rows, tmp_path / "out")
+    assert dispatched.model.embed_tokens.weight.device.type == "meta"
+    out = attribute_dataset(
+        dispatched, tokenizer, rows, tmp_path / "out", baselines="pad", metrics=["sufficiency"]
+    )
     got = load_results(out)
     assert list(got.id) == list(plain.id)
     for a, b in zip(got.itertuples(), plain.itertuples()):
@@ -280,8 +288,42 @@ def test_a_model_dispatched_with_a_device_map_gives_the_undispatched_rows(
             atol=ATOL,
             rtol=RTOL,
         )
+        assert a.sufficiency == pytest.approx(b.sufficiency, rel=1e-5)
     assert json.loads((out / "metadata.json").read_text())["device_map"]["model.layers.1"] == "disk"
-    attribute_dataset(model, tokenizer, rows, out)  # the same model: resumed, not refused
+    # the same model on one device: resumed, not refused
+    attribute_dataset(model, tokenizer, rows, out, baselines="pad", metrics=["sufficiency"])
+
+
+def test_a_classifier_dispatched_with_a_device_map_gives_the_undispatched_rows(
+    bundled, tmp_path: Path
+) -> None:
+    _, tokenizer = bundled
+    model = _tiny_classifier("bert", {0: "no", 1: "yes", 2: "maybe"})
+    model.save_pretrained(tmp_path / "bert")
+    rows = [{"id": str(i), "prompt": r["prompt"]} for i, r in enumerate(_rows(4))]
+    plain = load_results(
+        attribute_dataset(model, tokenizer, rows, tmp_path / "plain", task="classify")
+    )
+    device_map = {
+        "bert.embeddings": "disk",
+        "bert.encoder.layer.0": "disk",
+        "bert.encoder.layer.1": "cpu",
+        "bert.pooler": "cpu",
+        "classifier": "cpu",
+    }
+    dispatched = BertForSequenceClassification.from_pretrained(
+        tmp_path / "bert", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    out = attribute_dataset(dispatched, tokenizer, rows, tmp_path / "out", task="classify")
+    got = load_results(out)
+    assert list(got.target_ids) == list(plain.target_ids)
+    for a, b in zip(got.scores, plain.scores):
+        torch.testing.assert_close(
+            torch.tensor([list(r) for r in a]),
+            torch.tensor([list(r) for r in b]),
+            atol=ATOL,
+            rtol=RTOL,
+        )
 
 
 def test_cli_device_map_auto_loads_through_accelerate_in_one_process(

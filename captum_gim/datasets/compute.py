@@ -170,9 +170,14 @@ def explain_batch(
 
 
 def input_device(model: PreTrainedModel) -> torch.device:
-    """Where the inputs go: the device of the input embeddings (the first device of
-    a model dispatched with ``device_map``)."""
-    return next(model.get_input_embeddings().parameters()).device
+    """Where the inputs go: the device of the input embeddings; for a model dispatched
+    with ``device_map``, the device accelerate runs them on (also when their weights
+    are offloaded to the CPU or the disk)."""
+    embedding = model.get_input_embeddings()
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(embedding.parameters()).device
 
 
 def pad_right(
