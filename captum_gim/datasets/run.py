@@ -104,7 +104,7 @@ def attribute_dataset(
     group is needed. Rank 0 writes the metadata and, once every row is written,
     ``summary.json`` and the HTML report (:func:`summarize`). A model too large for
     one device can be passed dispatched over several (loaded with
-    ``device_map="auto"``): the inputs go to the device of its input embeddings.
+    ``device_map="auto"``): the inputs go where accelerate runs its input embeddings.
 
     Args:
         model (PreTrainedModel): A causal LM (``"generate"``), a sequence classifier
