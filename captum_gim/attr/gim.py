@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 from captum._utils.common import (
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from captum_gim.attr.errors import clear_gradient_errors
-from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.gim_rules import applied_rules
 from captum_gim.attr.inputs import check_float_inputs, format_baselines
 from captum_gim.attr.targets import check_target_form, checked_forward
 from captum_gim.config import GIMConfig, GIMSettings
@@ -198,9 +199,10 @@ class GIMAttribution(GradientAttribution):
         with clear_gradient_errors():
             with contextlib.ExitStack() as rules:
                 if self.model is not None:
-                    rules.enter_context(
-                        gim_rules(self.model, config=self.config, strict=self.strict)
+                    run = functools.partial(
+                        self.forward_func, *aliases, *(additional_forward_args or ())
                     )
+                    rules.enter_context(applied_rules(self.model, self.config, self.strict, run))
                 gradients = self.gradient_func(
                     checked_forward(self.forward_func, target),
                     aliases,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import nn
 from typing_extensions import Unpack
 
 from captum_gim.config import GIMConfig, GIMSettings
+from captum_gim.sites.audit import cached_audit, run_audit, store_audit
+from captum_gim.sites.backward_watch import watch_backward
 from captum_gim.sites.cache import cached_rule_sites
 from captum_gim.sites.checks import check_model
 from captum_gim.sites.compiled import eager_calls
+from captum_gim.sites.discovery import RuleSites, report_problems
 from captum_gim.sites.exclusive import exclusive
 from captum_gim.sites.install import install_rules
 
@@ -22,6 +27,7 @@ def gim_rules(
     *,
     config: GIMConfig | None = None,
     strict: bool = True,
+    example_inputs: Any = None,
     **settings: Unpack[GIMSettings],
 ) -> Iterator[GIMConfig]:
     r"""
@@ -49,7 +55,17 @@ def gim_rules(
 
     The rule sites are found once per model object (and again when its
     module tree, a config object or an attention implementation changes); the
-    per-call checks of every rule still run on every forward pass.
+    per-call checks of every rule still run on every forward pass. With
+    ``example_inputs``, the forward pass is also audited once per model (see
+    :func:`captum_gim.describe`): every softmax, normalization and product of
+    two input-dependent tensors must be covered by a rule, kept exact by
+    design, or it is refused by name. GIMAttribution, LayerGIM and
+    LLMGIMAttribution audit on their first call, with its inputs.
+
+    A backward pass inside the block through a graph whose forward pass ran
+    before it gets no rule; when the block sees such a backward reach the
+    model's parameters (``loss.backward()``, nnsight's ``.backward()``) it
+    raises ``RuntimeError`` (with ``strict=False``: warns) naming the fix.
 
     Modules compiled in place with ``module.compile()`` run eagerly inside the
     block (and are compiled again after it), so that the rule hooks see every
@@ -65,8 +81,15 @@ def gim_rules(
                     Default: None
         strict (bool, optional): Raise for parts of the model the rules cannot
                     reach (see :func:`captum_gim.sites.find_rule_sites`);
-                    with ``False`` they are skipped with a warning.
+                    with ``False`` they are skipped with a warning. A part is
+                    refused only for a rule that is switched on.
                     Default: True
+        example_inputs (Any, optional): Inputs of ``model`` for the one-time
+                    audit of its forward pass: a tensor, a tuple of positional
+                    arguments, or a dict of keyword arguments (e.g. a
+                    tokenizer's output). None: no audit in this block (one
+                    made before is still applied).
+                    Default: None
         **settings: Any of the seven settings of :class:`GIMConfig`
                     (``temperature``, ``freeze_norm``, ``q_scale``, ``k_scale``,
                     ``v_scale``, ``gate_scale``, ``up_scale``) as keywords, with
@@ -90,6 +113,42 @@ def gim_rules(
             f"gim_rules needs the nn.Module to modify, got {type(model).__name__}. "
             "Pass the model itself, e.g. gim_rules(model)."
         )
+    run = None if example_inputs is None else model_runner(model, example_inputs)
+    with applied_rules(model, resolved, strict, run):
+        yield resolved
+
+
+def model_runner(model: nn.Module, example_inputs: Any) -> Callable[[], object]:
+    r"""
+    Returns:
+        *Callable*: runs ``model`` on ``example_inputs`` (a tensor, a tuple of
+        positional arguments or a dict of keyword arguments).
+    """
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        kwargs = dict(example_inputs)
+        return lambda: model(**kwargs)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return lambda: model(*args)
+
+
+@contextlib.contextmanager
+def applied_rules(
+    model: nn.Module, config: GIMConfig, strict: bool, run: Callable[[], object] | None
+) -> Iterator[RuleSites]:
+    r"""
+    The body of :func:`gim_rules`: the rules of ``config`` on ``model`` for one
+    block, after its forward pass was audited with ``run`` (once per model).
+
+    Args:
+        model (nn.Module): The model.
+        config (GIMConfig): The settings.
+        strict (bool): Raise for parts the rules cannot reach (else warn).
+        run (Callable or None): Runs one forward pass through ``model`` on real
+                    inputs, for the audit; None: no audit now.
+
+    Yields:
+        *RuleSites*: the sites the rules are installed on.
+    """
     named = list(model.named_modules())
     modules = [module for _, module in named]
     check_model(model, named)
@@ -97,5 +156,36 @@ def gim_rules(
         stack.enter_context(exclusive(model, modules))
         stack.enter_context(eager_calls(model, modules))
         sites = cached_rule_sites(model, named, strict=strict)
-        install_rules(stack, sites, resolved)
-        yield resolved
+        report_problems(sites.problems, strict, config, stacklevel=5)
+        if config.any_rule_on:
+            sites = audited_sites(model, sites, config, strict, run)
+        install_rules(stack, sites, config)
+        watch_backward(stack, model, sites, strict)
+        yield sites
+
+
+def audited_sites(
+    model: nn.Module,
+    sites: RuleSites,
+    config: GIMConfig,
+    strict: bool,
+    run: Callable[[], object] | None,
+) -> RuleSites:
+    r"""
+    ``sites`` with the gated MLPs the audit of ``model`` recognised by their
+    data flow, after reporting what it refuses for the rules ``config``
+    switches on. The audit is run with ``run`` when none is cached.
+
+    Returns:
+        *RuleSites*: the sites to install.
+    """
+    audit = cached_audit(model, sites)
+    if audit is None and run is not None:
+        audit = run_audit(model, sites, run)
+        store_audit(model, sites, audit)
+    if audit is None:
+        return sites
+    report_problems(audit.problems(), strict, config, stacklevel=6)
+    if not audit.traced_gated_mlps:
+        return sites
+    return dataclasses.replace(sites, traced_gated_mlps=list(audit.traced_gated_mlps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -20,7 +21,7 @@ from typing_extensions import Unpack
 
 from captum_gim.attr.errors import clear_gradient_errors
 from captum_gim.attr.gim import difference_times_gradient
-from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.gim_rules import applied_rules
 from captum_gim.attr.inputs import check_nonempty_inputs, format_baselines
 from captum_gim.attr.targets import checked_forward
 from captum_gim.config import GIMConfig, GIMSettings
@@ -191,7 +192,10 @@ class LayerGIM(LayerGradientXActivation):
                 check = _baseline_check_hook(baselines, attribute_to_layer_input)
                 stack.callback(layer.register_forward_hook(check, with_kwargs=True).remove)
             if self.model is not None:
-                stack.enter_context(gim_rules(self.model, config=self.config, strict=self.strict))
+                run = functools.partial(
+                    self.forward_func, *inputs, *(additional_forward_args or ())
+                )
+                stack.enter_context(applied_rules(self.model, self.config, self.strict, run))
             layer_gradients, layer_evals = compute_layer_gradients_and_eval(
                 checked_forward(self.forward_func, target),
                 self.layer,

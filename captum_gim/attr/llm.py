@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from captum.attr._utils.interpretable_input import InterpretableInput
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from captum_gim.attr.gim_rules import gim_rules
+from captum_gim.attr.gim_rules import applied_rules
 from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.targets import check_text_target
 from captum_gim.config import GIMConfig, GIMSettings
@@ -320,8 +321,12 @@ class LLMGIMAttribution(LLMGradientAttribution):
         handle = embeddings.register_forward_hook(capture)
         padded = bool((mask == 0).any())
         rows: list[list[Tensor]] = [[] for _ in rows_in]
+        run = functools.partial(
+            self.model, ids, attention_mask=mask if padded else None, logits_to_keep=keep
+        )  # the audit's forward pass (first call for this model only)
         try:
-            with torch.enable_grad(), gim_rules(self.model, config=self.config, strict=self.strict):
+            with torch.enable_grad(), applied_rules(self.model, self.config, self.strict, run):
+                captured.clear()  # what the audit's forward pass captured
                 logits = self.model(
                     ids, attention_mask=mask if padded else None, logits_to_keep=keep
                 ).logits

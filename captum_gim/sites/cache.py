@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from captum_gim.sites.discovery import RuleSites, UnsupportedModuleError, find_rule_sites
+from captum_gim.sites.discovery import RuleSites, discover_sites
 from captum_gim.sites.registry import registry_version
 
 Fingerprint = tuple[Hashable, ...]
@@ -29,9 +29,11 @@ Fingerprint = tuple[Hashable, ...]
 @dataclass(frozen=True)
 class _Entry:
     tree: Fingerprint
-    #: None when a strict walk found parts the rules cannot reach; such models
-    #: are walked on every call, so that each call raises or warns about them.
-    sites: RuleSites | None
+    #: The sites, with the parts the rules cannot reach in ``problems`` (each
+    #: call reports those whose rule it switches on).
+    sites: RuleSites
+    #: The same sites with ``strict=False``.
+    lenient: RuleSites
     norms: Fingerprint
 
 
@@ -43,8 +45,10 @@ def cached_rule_sites(
     model: nn.Module, modules: list[tuple[str, nn.Module]], strict: bool = True
 ) -> RuleSites:
     r"""
-    :func:`find_rule_sites` of ``model``, walked again only when its module
-    tree changed since the last call.
+    :func:`~captum_gim.sites.discovery.discover_sites` of ``model``, walked
+    again only when its module tree changed since the last call. The parts the
+    rules cannot reach are in the result's ``problems``: the caller reports them
+    (:func:`~captum_gim.sites.discovery.report_problems`).
 
     Args:
         model (nn.Module): The model that gets the rules.
@@ -61,18 +65,17 @@ def cached_rule_sites(
     with _cache_lock:
         entry = _cache.get(model)
     fresh = entry is not None and entry.tree == tree
-    if fresh and entry is not None and entry.sites is not None:
+    if fresh and entry is not None:
         fresh = _norm_settings(entry.sites) == entry.norms
     if not fresh or entry is None:
-        sites = _strict_walk(model)
-        if sites is not None and _keeps_model_alive(model, sites):
+        sites = discover_sites(model, strict=True)
+        if keeps_model_alive(model, sites):
             return sites if strict else dataclasses.replace(sites, strict=False)
-        entry = _Entry(tree, sites, () if sites is None else _norm_settings(sites))
+        lenient = dataclasses.replace(sites, strict=False)
+        entry = _Entry(tree, sites, lenient, _norm_settings(sites))
         with _cache_lock:
             _cache[model] = entry
-    if entry.sites is None:
-        return find_rule_sites(model, strict=strict)
-    return entry.sites if strict else dataclasses.replace(entry.sites, strict=False)
+    return entry.sites if strict else entry.lenient
 
 
 def clear_site_cache() -> None:
@@ -81,18 +84,12 @@ def clear_site_cache() -> None:
         _cache.clear()
 
 
-def _strict_walk(model: nn.Module) -> RuleSites | None:
-    try:
-        return find_rule_sites(model, strict=True)
-    except UnsupportedModuleError:
-        return None
-
-
-def _keeps_model_alive(model: nn.Module, sites: RuleSites) -> bool:
+def keeps_model_alive(model: nn.Module, sites: RuleSites) -> bool:
     """A site that is the model itself would keep the weak cache key alive."""
     found = [n.module for n in sites.norms] + [m.module for m in sites.gated_mlps]
     found += [m for _, m in sites.attentions] + [m for _, m in sites.torch_attentions]
     found += [m for _, m in sites.traced_attentions]
+    found += [m for _, m in sites.traced_gated_mlps]
     return any(module is model for module in (*found, *sites.torch_encoders))
 
 

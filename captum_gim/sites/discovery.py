@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from captum_gim.config import GIMConfig
 from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
 from captum_gim.sites.errors import UnsupportedModuleError
 from captum_gim.sites.gated_mlp import (
@@ -78,6 +79,55 @@ class GatedMLPSite:
     structure: GatedStructure | None = None
 
 
+@dataclass(frozen=True)
+class Problem:
+    r"""A part of a model that one rule should reach but cannot."""
+
+    #: The rule concerned: ``"norm"`` (rule 2), ``"attention"`` (rules 1 and 3
+    #: in attention and other token mixers) or ``"mlp"`` (the gated-MLP split).
+    #: A part is refused only while its rule is switched on.
+    rule: str
+    message: str
+
+
+def rule_is_on(rule: str, config: GIMConfig | None) -> bool:
+    r"""
+    Returns:
+        *bool*: True when ``config`` switches on the rule named ``rule``
+        (``"norm"``, ``"attention"`` or ``"mlp"``; every rule when ``config``
+        is None).
+    """
+    if config is None:
+        return True
+    if rule == "norm":
+        return config.freeze_norm
+    if rule == "mlp":
+        return config.mlp_rule_on
+    if rule == "attention":
+        return config.attention_rules_on
+    return config.any_rule_on
+
+
+def report_problems(
+    problems: list[Problem], strict: bool, config: GIMConfig | None = None, stacklevel: int = 3
+) -> None:
+    r"""
+    Raises :class:`UnsupportedModuleError` listing the problems whose rule
+    ``config`` switches on; with ``strict=False`` warns instead.
+
+    Args:
+        problems (list[Problem]): What the rules cannot reach.
+        strict (bool): Raise (True) or warn (False).
+        config (GIMConfig, optional): The settings; None: every rule is on.
+                    Default: None
+        stacklevel (int, optional): The warning's stack level.
+                    Default: 3
+    """
+    messages = list(dict.fromkeys(p.message for p in problems if rule_is_on(p.rule, config)))
+    if messages:
+        _report(messages, strict, stacklevel + 1)
+
+
 @dataclass
 class RuleSites:
     r"""Every place of a model where a GIM rule applies."""
@@ -94,6 +144,11 @@ class RuleSites:
     traced_attentions: list[tuple[str, nn.Module]] = field(default_factory=list)
     #: Whether a traced attention that is not recognised raises (or warns).
     strict: bool = True
+    #: The parts the rules cannot reach, each with the rule it concerns.
+    problems: list[Problem] = field(default_factory=list)
+    #: Modules recognised as gated MLPs by the audit's data flow
+    #: (sites/traced_gated_mlp.py).
+    traced_gated_mlps: list[tuple[str, nn.Module]] = field(default_factory=list)
 
 
 def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
@@ -113,8 +168,30 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     Returns:
         *RuleSites*: the places where the rules apply.
     """
+    sites = discover_sites(model, strict)
+    report_problems(sites.problems, strict)
+    return sites
+
+
+def discover_sites(model: nn.Module, strict: bool = True) -> RuleSites:
+    r"""
+    :func:`find_rule_sites` without raising or warning: what the rules cannot
+    reach is listed in the result's ``problems``, each with its rule (see
+    :func:`report_problems`).
+
+    Args:
+        model (nn.Module): Any PyTorch module.
+        strict (bool, optional): Stored in the result, for the call-time checks.
+                    Default: True
+
+    Returns:
+        *RuleSites*: the places where the rules apply, and the problems.
+    """
     sites = RuleSites(strict=strict)
-    problems: list[str] = []
+
+    def add(rule: str, message: str) -> None:
+        sites.problems.append(Problem(rule, message))
+
     modules = list(model.named_modules())
     bridged = bridge_problem(modules)
     if bridged is not None:  # TransformerLens 4: no rule at all (sites/lens.py)
@@ -129,13 +206,14 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
         if isinstance(norm, NormSite):
             sites.norms.append(norm)
         elif norm is not None:
-            problems.append(norm)
+            add("norm", norm)
         elif is_norm_candidate(module):
-            problems.append(
+            add(
+                "norm",
                 f"'{label}' ({type(module).__name__}) looks like a normalization "
                 "layer of unknown form: no form rule 2 can freeze (centred or not, mean or sum "
                 "of squares, scale w, 1 + w or none, bias, eps) reproduces its output; "
-                "if it is one, describe it with captum_gim.register_norm"
+                "if it is one, describe it with captum_gim.register_norm",
             )
         if isinstance(module, nn.TransformerEncoder):
             sites.torch_encoders.append(module)
@@ -146,37 +224,38 @@ def find_rule_sites(model: nn.Module, strict: bool = True) -> RuleSites:
             if implementation in SUPPORTED_IMPLEMENTATIONS:
                 sites.attentions.append((label, module))
             else:
-                problems.append(
+                add(
+                    "attention",
                     f"'{label}' ({type(module).__name__}) runs attention "
                     f"implementation {implementation!r}; load the model with "
                     "attn_implementation='sdpa' or 'eager', or call "
-                    "model.set_attn_implementation('sdpa')"
+                    "model.set_attn_implementation('sdpa')",
                 )
         elif name in attention_like and not _contains_any(name, covered | attention_like):
             sites.traced_attentions.append((label, module))
         if _is_convolutional_mixer(module) and name not in attention_like:
-            problems.append(
+            add(
+                "attention",
                 f"'{label}' ({type(module).__name__}) is a state-space or convolutional token "
                 "mixer (a depthwise Conv1d whose outputs are multiplied with each other or "
-                "with a gate): its multiplicative interactions are outside GIM's three rules"
+                "with a gate): its multiplicative interactions are outside GIM's three rules",
             )
         mlp = _gated_mlp_site(label, module)
         if isinstance(mlp, GatedMLPSite):
             sites.gated_mlps.append(mlp)
         elif mlp is not None:
-            problems.append(mlp)
+            add("mlp", mlp)
         elif looks_like_gated_mlp(module):
-            problems.append(
+            add(
+                "mlp",
                 f"'{label}' ({type(module).__name__}) looks like a gated MLP, but "
                 "its gate, up and down parts are not recognised; name them with "
-                "captum_gim.register_gated_mlp"
+                "captum_gim.register_gated_mlp",
             )
-    if problems:
-        _report(problems, strict)
     return sites
 
 
-def _report(problems: list[str], strict: bool) -> None:
+def _report(problems: list[str], strict: bool, stacklevel: int = 3) -> None:
     listing = "\n  - ".join(problems)
     if strict:
         raise UnsupportedModuleError(
@@ -186,7 +265,7 @@ def _report(problems: list[str], strict: bool) -> None:
         )
     warnings.warn(
         f"GIM rules skip these parts (exact gradients there):\n  - {listing}",
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 

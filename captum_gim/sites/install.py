@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from captum_gim.sites.gated_mlp_hooks import install_gated_mlp_rule
 from captum_gim.sites.norms import call_eps
 from captum_gim.sites.torch_attention import disable_nested_fast_path, install_torch_attention
 from captum_gim.sites.traced_attention import install_traced_attention
+from captum_gim.sites.traced_gated_mlp import install_traced_gated_mlp
 
 
 def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConfig) -> None:
@@ -35,10 +37,13 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
     """
     if config.freeze_norm:
         for norm in sites.norms:
-            _hook(stack, norm.module.register_forward_hook(_freeze_norm_hook(norm)))
+            hook = _freeze_norm_hook(norm, sites.strict)
+            _hook(stack, norm.module.register_forward_hook(hook))
     if config.mlp_rule_on:
         for mlp in sites.gated_mlps:
             install_gated_mlp_rule(stack, mlp, config, sites.strict)
+        for name, module in sites.traced_gated_mlps:
+            install_traced_gated_mlp(stack, name, module, config, sites.strict)
     if config.attention_rules_on:
         for _, attention in sites.attentions:
             stack.enter_context(route_attention(attention, config, sites.strict))
@@ -53,19 +58,37 @@ def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle
     stack.callback(handle.remove)
 
 
-def _freeze_norm_hook(site: NormSite) -> Callable[..., Tensor | None]:
+class _Misread(Exception):
+    """The frozen-norm recomputation differs from the module's output (strict=False)."""
+
+
+def _freeze_norm_hook(site: NormSite, strict: bool = True) -> Callable[..., Tensor | None]:
     module = site.module
     label = f"'{site.name}' ({type(module).__name__})"
 
     def verify(deviation: float) -> None:
-        raise UnsupportedModuleError(
+        problem = (
             f"{label}: the frozen-norm rule's recomputation of the forward differs "
-            f"from the module's output by {deviation:.3g}, so its form was misread; "
-            "GIM refuses rather than return a wrong gradient. Pass freeze_norm=False "
-            "or strict=False."
+            f"from the module's output by {deviation:.3g}, so its form was misread"
+        )
+        if not strict:
+            warnings.warn(
+                f"GIM rules skip this call of a norm (exact gradient there): {problem}.",
+                stacklevel=2,
+            )
+            raise _Misread
+        raise UnsupportedModuleError(
+            f"{problem}; GIM refuses rather than return a wrong gradient. Pass "
+            "freeze_norm=False or strict=False."
         )
 
     def hook(_: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        try:
+            return frozen(args, output)
+        except _Misread:
+            return None
+
+    def frozen(args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         x = args[0] if args else None
         if not torch.is_grad_enabled() or not isinstance(x, Tensor) or not x.requires_grad:
             return None
