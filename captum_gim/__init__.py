@@ -9,6 +9,8 @@ The public API:
 - :class:`GIMConfig`: the seven settings of the rules.
 - :func:`attribute_dataset`, :func:`load_results`: GIM over a whole dataset (batched,
   resumable, sharded under torchrun), and its results as a DataFrame.
+- :func:`describe`: what GIM does to a model, part by part (rule sites, products
+  kept exact by design, refused parts).
 - :func:`compare`: GIM and Captum's methods on the same prompt, side by side.
 - :func:`logits_forward`: a causal LM's next-token logits as a Captum forward function.
 - :func:`register_norm`, :func:`register_gated_mlp`, :func:`unregister`: describe
@@ -23,6 +25,7 @@ from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.compare import ComparisonResult, compare
 from captum_gim.config import GIMConfig
+from captum_gim.describe import ModelDescription, describe
 from captum_gim.forwards import logits_forward
 from captum_gim.sites.discovery import UnsupportedModuleError
 from captum_gim.sites.registry import register_gated_mlp, register_norm, unregister
@@ -42,11 +45,13 @@ __all__ = [
     "GIMConfig",
     "LLMGIMAttribution",
     "LayerGIM",
+    "ModelDescription",
     "UnsupportedModuleError",
     "__version__",
     "attribute_dataset",
     "circuits",
     "compare",
+    "describe",
     "gim_rules",
     "load_results",
     "logits_forward",

@@ -58,6 +58,7 @@ from captum_gim.attr.targets import TargetError, check_text_target
 from captum_gim.baselines import BASELINES, DEFAULT_BASELINES, resolve_baseline
 from captum_gim.explain import Explanation, explain
 from captum_gim.forwards import TASKS, detect_task
+from captum_gim.inspect_cli import add_inspect_parser, run_inspect
 from captum_gim.scores import SCORES
 from captum_gim.sites.discovery import UnsupportedModuleError
 from captum_gim.text import format_table, format_value
@@ -122,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_demo(args)
         elif args.command in dataset_command.COMMANDS:
             dataset_command.run(args)
+        elif args.command == "inspect":
+            run_inspect(args)
         else:
             _run_explain(args)
     except UserError as error:
@@ -180,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow pickle (.bin) weights when DIR has no safetensors (unpickling can run code)",
     )
+    add_inspect_parser(commands)
     demo = commands.add_parser(
         "demo",
         help="explain a prompt with the bundled model",

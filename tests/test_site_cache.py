@@ -17,15 +17,15 @@ from captum_gim.sites.cache import clear_site_cache
 
 @pytest.fixture
 def walks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records every walk of find_rule_sites made through the cache."""
+    """Records every walk of the model made through the cache."""
     calls: list[bool] = []
-    real = cache_module.find_rule_sites
+    real = cache_module.discover_sites
 
     def counted(model: nn.Module, strict: bool = True):
         calls.append(strict)
         return real(model, strict=strict)
 
-    monkeypatch.setattr(cache_module, "find_rule_sites", counted)
+    monkeypatch.setattr(cache_module, "discover_sites", counted)
     return calls
 
 

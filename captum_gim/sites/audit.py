@@ -759,7 +759,8 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
 
     def embedding_output(_: nn.Module, __: Any, output: Tensor) -> Tensor | None:
         if isinstance(output, Tensor) and output.is_floating_point():
-            return output.detach().requires_grad_()
+            # A clone, not the leaf itself: the model may write to it in place.
+            return output.detach().requires_grad_().clone()
         return None
 
     thread = threading.get_ident()

@@ -70,7 +70,14 @@ def watch_backward(
         for parameter in module.parameters(recurse=False):
             if parameter.requires_grad:
                 label = f"'{name}' ({type(module).__name__})"
+                stack.callback(_restore_hooks, parameter, parameter._backward_hooks)
                 stack.callback(parameter.register_hook(gradient_hook(label)).remove)
+
+
+def _restore_hooks(parameter: Tensor, before: Any) -> None:
+    """Leaves a parameter that had no gradient hooks with none (not an empty dict)."""
+    if before is None and not parameter._backward_hooks:
+        parameter._backward_hooks = None
 
 
 def _watched_modules(model: nn.Module, sites: RuleSites) -> list[tuple[str, nn.Module]]:
