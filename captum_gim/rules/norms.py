@@ -17,7 +17,9 @@ from torch import Tensor
 from captum_gim.rules.precision import rule_dtype
 
 #: Called with the largest deviation when a recomputed forward does not match.
-Verify = Callable[[float], None]
+#: Called with the deviation of a misread norm: raises, or returns True to give
+#: that call the exact gradient (through the module's own graph).
+Verify = Callable[[float], bool | None]
 
 _TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -65,8 +67,8 @@ class _FrozenNorm(torch.autograd.Function):
             second_moment = second_moment.mean(dim=dims, keepdim=True)
         inverse_scale = torch.rsqrt(second_moment + ctx.eps)
         scale = None if weight is None else weight.to(x32.dtype) + ctx.weight_offset
-        if ctx.verify is not None:
-            _verify(ctx.verify, x32 * inverse_scale, scale, bias, y)
+        if ctx.verify is not None and _verify(ctx.verify, x32 * inverse_scale, scale, bias, y):
+            return None, grad_y, None, None, None, None, None, None, None, None
         grad = grad_y.to(x32.dtype)
         if scale is not None:
             grad = grad * scale
@@ -78,7 +80,8 @@ class _FrozenNorm(torch.autograd.Function):
 
 def _verify(
     verify: Verify, normalized: Tensor, scale: Tensor | None, bias: Tensor | None, y: Tensor
-) -> None:
+) -> bool:
+    """True when ``y`` is misread and ``verify`` asks for the exact gradient."""
     recomputed = normalized if scale is None else normalized * scale
     if bias is not None:
         recomputed = recomputed + bias.to(recomputed.dtype)
@@ -86,7 +89,8 @@ def _verify(
     deviation = float((recomputed - y32).abs().max()) if y.numel() else 0.0
     bound = forward_tolerance(y.dtype) * (1.0 + float(y32.abs().max() if y.numel() else 0.0))
     if not deviation <= bound:
-        verify(deviation)
+        return bool(verify(deviation))
+    return False
 
 
 def frozen_layer_norm(
@@ -119,7 +123,8 @@ def frozen_layer_norm(
                     Default: 0.0
         verify (callable, optional): Called with the largest deviation, before
                     any gradient is computed, when the formula above does not
-                    reproduce ``y`` from ``x``; it should raise.
+                    reproduce ``y`` from ``x``; it should raise, or return True
+                    to give ``x`` the exact gradient through ``y``'s own graph.
                     Default: None (no check)
 
     Returns:
@@ -198,7 +203,8 @@ class _FrozenGroupNorm(torch.autograd.Function):
         if ctx.verify is not None:
             normalized = (centered * inverse_scale).reshape(shape)
             shift = None if bias is None else bias.reshape(channel_shape)
-            _verify(ctx.verify, normalized, scale, shift, y)
+            if _verify(ctx.verify, normalized, scale, shift, y):
+                return None, grad_y, None, None, None, None, None
         grad = grad_y.to(centered.dtype)
         if scale is not None:
             grad = grad * scale

@@ -557,8 +557,8 @@ class _AuditTrace(TorchFunctionMode):
                     "token mixer",
                     "refused",
                     "a matrix product of two activations that is not softmax attention "
-                    "(linear attention or a state-space mixer): GIM's rules define nothing "
-                    "for it",
+                    "(linear attention, a state-space mixer, input-dependent mixing "
+                    "coefficients): GIM's rules define nothing for it",
                     "attention",
                 )
             )

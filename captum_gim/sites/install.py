@@ -58,15 +58,11 @@ def _hook(stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle
     stack.callback(handle.remove)
 
 
-class _Misread(Exception):
-    """The frozen-norm recomputation differs from the module's output (strict=False)."""
-
-
 def _freeze_norm_hook(site: NormSite, strict: bool = True) -> Callable[..., Tensor | None]:
     module = site.module
     label = f"'{site.name}' ({type(module).__name__})"
 
-    def verify(deviation: float) -> None:
+    def verify(deviation: float) -> bool:
         problem = (
             f"{label}: the frozen-norm rule's recomputation of the forward differs "
             f"from the module's output by {deviation:.3g}, so its form was misread"
@@ -76,19 +72,13 @@ def _freeze_norm_hook(site: NormSite, strict: bool = True) -> Callable[..., Tens
                 f"GIM rules skip this call of a norm (exact gradient there): {problem}.",
                 stacklevel=2,
             )
-            raise _Misread
+            return True
         raise UnsupportedModuleError(
             f"{problem}; GIM refuses rather than return a wrong gradient. Pass "
             "freeze_norm=False or strict=False."
         )
 
     def hook(_: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-        try:
-            return frozen(args, output)
-        except _Misread:
-            return None
-
-    def frozen(args: tuple[Any, ...], output: Tensor) -> Tensor | None:
         x = args[0] if args else None
         if not torch.is_grad_enabled() or not isinstance(x, Tensor) or not x.requires_grad:
             return None
