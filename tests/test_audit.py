@@ -394,9 +394,9 @@ def test_granite_hybrid_with_strict_false_runs_with_the_warning() -> None:
     embeds = model.get_input_embeddings()(sample_ids(1, 6)).detach()
     forward = logits_of(model)
     before = forward(embeds)
-    with pytest.raises(UnsupportedModuleError, match="'model.layers.0.mamba'"):
+    with pytest.raises(UnsupportedModuleError, match=r"'model\.layers\.0\.mamba'"):
         GIMAttribution(forward, model).attribute(embeds, target=3)
-    with pytest.warns(UserWarning, match="model.layers.0.mamba"):
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mamba"):
         attributions = GIMAttribution(forward, model, strict=False).attribute(embeds, target=3)
     assert torch.isfinite(attributions).all()
     assert torch.equal(forward(embeds), before)
