@@ -775,7 +775,10 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
             )
             if isinstance(module, nn.Embedding):
                 handles.append(module.register_forward_hook(embedding_output))
-        with torch.enable_grad(), trace:
+        # The random state is restored, so that dropout in the real call draws
+        # the masks it would draw without the audit.
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), trace:
             run()
     finally:
         for handle in handles:
