@@ -98,6 +98,43 @@ def test_gated_mlp_recognised_by_data_flow_equals_the_reference(mlp_class: type)
     assert not torch.allclose(gim, _input_x_gradient(model, x, target=1))
 
 
+class StaticMLP(nn.Module):
+    """Recognised by its part names (gate_proj/up_proj/down_proj)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.down_proj, self.act_fn = nn.Linear(16, 8), nn.SiLU()
+        self.reference = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.act_fn(self.gate_proj(x)), self.up_proj(x)
+        if self.reference:
+            gate, up = scaled(gate, 0.5), scaled(up, 0.5)
+        return self.down_proj(gate * up)
+
+
+class Outer(MyMLP):
+    """A gated product of its own around a gated-MLP child: each split once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = StaticMLP()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(super().forward(x))
+
+
+def test_nested_gated_mlps_are_each_split_once() -> None:
+    torch.manual_seed(1)
+    outer = Outer()
+    model = _with(outer)
+    x = torch.randn(3, 8)
+    gim = GIMAttribution(model).attribute(x, target=1)
+    outer.reference = outer.inner.reference = True
+    torch.testing.assert_close(gim, _input_x_gradient(model, x, target=1), rtol=1e-5, atol=1e-7)
+
+
 def test_registered_gated_mlp_is_split_once() -> None:
     torch.manual_seed(1)
     mlp = MyMLP()

@@ -159,8 +159,8 @@ def applied_rules(
         report_problems(sites.problems, strict, config, stacklevel=5)
         if config.any_rule_on:
             sites = audited_sites(model, sites, config, strict, run)
+            watch_backward(stack, model, sites, strict)
         install_rules(stack, sites, config)
-        watch_backward(stack, model, sites, strict)
         yield sites
 
 

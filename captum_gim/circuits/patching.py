@@ -125,7 +125,8 @@ def attribution_patching(
     grad_sites = list(dict.fromkeys([*sites, *head_sites]))
     with torch.enable_grad(), contextlib.ExitStack() as stack:
         if method == "gim":
-            stack.enter_context(gim_rules(model, config=config or GIMConfig()))
+            rules = gim_rules(model, config=config or GIMConfig(), example_inputs=dict(corrupted))
+            stack.enter_context(rules)
         if method == "atp*":
             stack.enter_context(atp_star.recording_attention(parts, corrupted_attention))
         stack.enter_context(tapped(parts, grad_sites, _differentiable(taps)))

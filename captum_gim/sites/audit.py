@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +244,10 @@ class _Call:
     serial: int
 
 
+#: Where an operation outside every module of the model is listed.
+_OUTSIDE = _Call("<forward>", "function", -1)
+
+
 @dataclass
 class _Softmax:
     node: Any
@@ -368,8 +372,16 @@ class _AuditTrace(TorchFunctionMode):
     def _here(self) -> tuple[_Call, ...]:
         return tuple(self.calls)
 
-    def _entry(self, operation: str, kind: str, status: str, reason: str, rule: str = "") -> None:
-        top = self.calls[-1] if self.calls else _Call("<forward>", "function", -1)
+    def _entry(
+        self,
+        operation: str,
+        kind: str,
+        status: str,
+        reason: str,
+        rule: str = "",
+        call: _Call | None = None,
+    ) -> None:
+        top = call or (self.calls[-1] if self.calls else _OUTSIDE)
         self.entries.append(
             AuditEntry(top.name, top.module_class, operation, kind, status, reason, rule)
         )
@@ -508,8 +520,8 @@ class _AuditTrace(TorchFunctionMode):
         gates = [reach(x.grad_fn, self.nonlinear, 2) is not None for x in (first, second)]
         self._exact(operation, "activation gate" if any(gates) else "product of two activations")
 
-    def _exact(self, operation: str, kind: str) -> None:
-        self._entry(operation, kind, "exact", EXACT_KINDS[kind])
+    def _exact(self, operation: str, kind: str, call: _Call | None = None) -> None:
+        self._entry(operation, kind, "exact", EXACT_KINDS[kind], call=call)
 
     def _gated_pattern(self, first: Tensor, second: Tensor) -> bool:
         return gated_factors(first, second, self.projections, self.nonlinear) is not None
@@ -522,33 +534,26 @@ class _AuditTrace(TorchFunctionMode):
             return
         call = self.pending_gated.pop(found)
         self.gated_calls.setdefault(call.name, call)
-        top = self.calls
-        self.calls = [call]
-        self._entry(
-            "mul", "gated product", "covered", "rule 3's gate/up split (recognised by data flow)"
-        )
-        self.calls = top
+        reason = "rule 3's gate/up split (recognised by data flow)"
+        self._entry("mul", "gated product", "covered", reason, call=call)
 
     def finish(self) -> None:
         for call in self.pending_gated.values():
-            self.calls = [call]
-            self._exact("mul", "activation gate")
-        self.calls = []
+            self._exact("mul", "activation gate", call=call)
         for softmax in self.softmaxes.values():
             if softmax.attention and softmax.complete:
                 continue
-            top = softmax.calls[-1] if softmax.calls else _Call("<forward>", "function", -1)
+            top = softmax.calls[-1] if softmax.calls else _OUTSIDE
             kind = "softmax outside attention"
             self.entries.append(
                 AuditEntry(
                     top.name, top.module_class, softmax.operation, kind, "exact", EXACT_KINDS[kind]
                 )
             )
-        for node, calls in self.contractions.values():
-            del node
+        for _, calls in self.contractions.values():
             if calls and self.coverage.covers(self.coverage.attentions, calls):
                 continue
-            top = calls[-1] if calls else _Call("<forward>", "function", -1)
+            top = calls[-1] if calls else _OUTSIDE
             self.entries.append(
                 AuditEntry(
                     top.name,
@@ -582,7 +587,7 @@ def gated_factors(
         up factor, or None when the factors are not two different projections
         of one input, one of them through an activation.
     """
-    found = [_nearest(x.grad_fn, projections, _NEAR) for x in (first, second)]
+    found = [reach(x.grad_fn, projections.keys(), _NEAR) for x in (first, second)]
     if found[0] is None or found[1] is None or found[0] == found[1]:
         return None
     if len({projections[node][0] for node in found if node is not None}) != 1:
@@ -663,7 +668,7 @@ def _key(x: Tensor) -> int:
 
 
 def reach(
-    start: Any, targets: set[int], limit: int, stop: Iterable[int] | None = None
+    start: Any, targets: Collection[int], limit: int, stop: Collection[int] | None = None
 ) -> int | None:
     r"""The first node of ``targets`` within ``limit`` autograd nodes of
     ``start``, not searching beyond the nodes of ``stop``."""
@@ -677,23 +682,6 @@ def reach(
             return None
         if stop is not None and node is not start and id(node) in stop:
             continue
-        for parent, _ in node.next_functions:
-            if parent is not None and id(parent) not in seen:
-                seen.add(id(parent))
-                queue.append(parent)
-    return None
-
-
-def _nearest(start: Any, projections: dict[int, tuple[int, Any]], limit: int) -> int | None:
-    """The first projection node on the way back from ``start``, not beyond it."""
-    if start is None:
-        return None
-    queue, seen = [start], {id(start)}
-    for node in queue:
-        if id(node) in projections:
-            return id(node)
-        if len(queue) > limit:
-            return None
         for parent, _ in node.next_functions:
             if parent is not None and id(parent) not in seen:
                 seen.add(id(parent))

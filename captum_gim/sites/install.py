@@ -42,8 +42,12 @@ def install_rules(stack: contextlib.ExitStack, sites: RuleSites, config: GIMConf
     if config.mlp_rule_on:
         for mlp in sites.gated_mlps:
             install_gated_mlp_rule(stack, mlp, config, sites.strict)
+        gated = [(m.name, m.module) for m in sites.gated_mlps] + sites.traced_gated_mlps
         for name, module in sites.traced_gated_mlps:
-            install_traced_gated_mlp(stack, name, module, config, sites.strict)
+            inner = [
+                m for n, m in gated if n.startswith(f"{name}.") or (name == "<model>" and n != name)
+            ]
+            install_traced_gated_mlp(stack, name, module, config, sites.strict, inner)
     if config.attention_rules_on:
         for _, attention in sites.attentions:
             stack.enter_context(route_attention(attention, config, sites.strict))

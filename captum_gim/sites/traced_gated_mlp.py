@@ -53,6 +53,8 @@ class _GatedTrace(TorchFunctionMode):
         self.projections: dict[int, tuple[int, Any]] = {}
         self.nonlinear: set[int] = set()
         self.split = 0
+        #: How many calls of a nested gated-MLP site are open (split by their own rule).
+        self.nested = 0
         #: Keeps the recorded nodes alive, so that their ids stay theirs.
         self.keep: list[Any] = []
 
@@ -64,7 +66,7 @@ class _GatedTrace(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in _MULTIPLY and len(args) >= 2 and func not in _IN_PLACE:
+        if func in _MULTIPLY and len(args) >= 2 and func not in _IN_PLACE and not self.nested:
             first, second = args[0], args[1]
             if depends_on_input(first, self.memo) and depends_on_input(second, self.memo):
                 factors = gated_factors(first, second, self.projections, self.nonlinear)
@@ -99,6 +101,7 @@ def install_traced_gated_mlp(
     module: nn.Module,
     config: GIMConfig,
     strict: bool,
+    nested: Sequence[nn.Module] = (),
 ) -> None:
     r"""
     Installs, for the block that ``stack`` closes, the gated-MLP split on one
@@ -112,6 +115,9 @@ def install_traced_gated_mlp(
         config (GIMConfig): The settings (``gate_scale``, ``up_scale``).
         strict (bool): Raise for a call that computes no gated product; with
                     ``False`` warn (that call keeps its exact gradients).
+        nested (Sequence[nn.Module], optional): Gated-MLP sites inside ``module``,
+                    which their own rule splits: products inside them are left alone.
+                    Default: ()
     """
     thread = threading.get_ident()
     open_traces: list[_GatedTrace] = []
@@ -132,9 +138,20 @@ def install_traced_gated_mlp(
         if trace.split == 0 and used:
             _refuse(name, module, strict)
 
+    def nested_enter(*_: Any) -> None:
+        if open_traces and threading.get_ident() == thread:
+            open_traces[-1].nested += 1
+
+    def nested_leave(*_: Any) -> None:
+        if open_traces and threading.get_ident() == thread and open_traces[-1].nested:
+            open_traces[-1].nested -= 1
+
     stack.callback(_close, open_traces)
     stack.callback(module.register_forward_pre_hook(enter).remove)
     stack.callback(module.register_forward_hook(leave, always_call=True).remove)
+    for inner in nested:
+        stack.callback(inner.register_forward_pre_hook(nested_enter).remove)
+        stack.callback(inner.register_forward_hook(nested_leave, always_call=True).remove)
 
 
 def _close(open_traces: list[_GatedTrace]) -> None:
