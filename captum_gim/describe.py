@@ -48,6 +48,8 @@ class ModelDescription:
     records: list[DescriptionRecord] = field(default_factory=list)
     #: Whether a forward pass was audited (``describe`` got example inputs).
     audited: bool = False
+    #: Whether any operation of the audited forward pass depended on the inputs.
+    inputs_seen: bool = True
 
     def of(self, category: str) -> list[DescriptionRecord]:
         r"""
@@ -91,6 +93,11 @@ class ModelDescription:
                 if category != "rule site" and len(text) > width:
                     text = text[: width - 3] + "..."
                 lines.append(text.rstrip())
+        if self.audited and not self.inputs_seen:
+            lines.append(
+                "(no operation of the audited forward pass depended on the inputs: give them "
+                "requires_grad, or token ids that pass through an nn.Embedding)"
+            )
         if not self.audited:
             lines.append(
                 "(forward pass not audited: pass example_inputs to list every product and softmax)"
@@ -165,7 +172,8 @@ def describe(
         for p in sites.problems
         if rule_is_on(p.rule, config)
     ]
-    return ModelDescription(records, audited=audit is not None)
+    seen = audit is None or audit.inputs_seen
+    return ModelDescription(records, audited=audit is not None, inputs_seen=seen)
 
 
 def _site_records(sites: RuleSites, audit: Audit | None) -> list[DescriptionRecord]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import InputXGradient
+from reference import ReferenceGap, reference_gradient
 from tiny_models import FAMILIES, FAMILY_BY_NAME, logits_of, sample_ids
 from torch import Tensor, nn
 
@@ -396,6 +397,21 @@ def test_qwen3_next_attention_output_gate_is_listed_as_exact_and_the_call_runs()
     assert ("model.layers.0.self_attn", "attention output gate") in exact
     assert ("model.layers.0.mlp.experts", "routing weights x expert outputs") in exact
     assert audit.refused() == []
+    _equals_reference(model)
+
+
+def _equals_reference(model: nn.Module) -> None:
+    """GIM equals tests/reference.py, which keeps every product it does not name exact."""
+    embeds = model.get_input_embeddings()(sample_ids(1, 6)).detach()
+    forward = logits_of(model)
+    before = forward(embeds)
+    got = GIMAttribution(forward, model, multiply_by_inputs=False).attribute(embeds, target=3)
+    assert torch.equal(forward(embeds), before)
+    try:
+        want = reference_gradient(model, forward, embeds, 3, GIMConfig())
+    except ReferenceGap as gap:
+        pytest.skip(f"the reference has no formula for a part: {gap}")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_gemma4_per_layer_input_gate_is_listed_as_exact() -> None:
@@ -412,6 +428,7 @@ def test_gemma4_per_layer_input_gate_is_listed_as_exact() -> None:
     audit = _audit(model)
     assert ("model.layers.0", "activation gate") in {(e.module, e.kind) for e in audit.exact()}
     assert audit.refused() == []
+    _equals_reference(model)
 
 
 def test_granite_hybrid_with_strict_false_runs_with_the_warning() -> None:
@@ -437,3 +454,26 @@ def test_granite_hybrid_with_strict_false_runs_with_the_warning() -> None:
         attributions = GIMAttribution(forward, model, strict=False).attribute(embeds, target=3)
     assert torch.isfinite(attributions).all()
     assert torch.equal(forward(embeds), before)
+
+
+class IndexEmbed(nn.Module):
+    """An embedding by indexing a parameter (as TransformerLens's Embed), not nn.Embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.W_E[ids]
+
+
+def test_layer_gim_audits_from_its_layer_when_the_embedding_is_not_nn_embedding() -> None:
+    torch.manual_seed(0)
+    embed = IndexEmbed()
+    model = nn.Sequential(embed, nn.Linear(4, 4), HandRMS(), nn.Linear(4, 3)).eval()
+
+    def forward(ids: Tensor) -> Tensor:
+        return model(ids)[:, -1]
+
+    with pytest.raises(UnsupportedModuleError, match=r"'2' \(HandRMS\) computes mul"):
+        LayerGIM(forward, embed, model=model).attribute(torch.tensor([[1, 2, 3]]), target=0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from captum_gim.config import GIMConfig, GIMSettings
@@ -122,18 +122,31 @@ def model_runner(model: nn.Module, example_inputs: Any) -> Callable[[], object]:
     r"""
     Returns:
         *Callable*: runs ``model`` on ``example_inputs`` (a tensor, a tuple of
-        positional arguments or a dict of keyword arguments).
+        positional arguments or a dict of keyword arguments); floating-point
+        tensors are passed as aliases that require grad, so the audit follows them.
     """
     if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
-        kwargs = dict(example_inputs)
+        kwargs = {key: _as_input(value) for key, value in dict(example_inputs).items()}
         return lambda: model(**kwargs)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = tuple(_as_input(value) for value in args)
     return lambda: model(*args)
+
+
+def _as_input(value: Any) -> Any:
+    """A floating-point tensor as an input the audit follows (requiring grad)."""
+    if isinstance(value, Tensor) and value.is_floating_point() and not value.requires_grad:
+        return value.detach().requires_grad_()
+    return value
 
 
 @contextlib.contextmanager
 def applied_rules(
-    model: nn.Module, config: GIMConfig, strict: bool, run: Callable[[], object] | None
+    model: nn.Module,
+    config: GIMConfig,
+    strict: bool,
+    run: Callable[[], object] | None,
+    seeds: Sequence[nn.Module] = (),
 ) -> Iterator[RuleSites]:
     r"""
     The body of :func:`gim_rules`: the rules of ``config`` on ``model`` for one
@@ -145,6 +158,9 @@ def applied_rules(
         strict (bool): Raise for parts the rules cannot reach (else warn).
         run (Callable or None): Runs one forward pass through ``model`` on real
                     inputs, for the audit; None: no audit now.
+        seeds (Sequence[nn.Module], optional): Modules whose outputs the audit
+                    treats as the input (LayerGIM's layers).
+                    Default: ()
 
     Yields:
         *RuleSites*: the sites the rules are installed on.
@@ -158,7 +174,7 @@ def applied_rules(
         sites = cached_rule_sites(model, named, strict=strict)
         report_problems(sites.problems, strict, config, stacklevel=5)
         if config.any_rule_on:
-            sites = audited_sites(model, sites, config, strict, run)
+            sites = audited_sites(model, sites, config, strict, run, seeds)
             watch_backward(stack, model, sites, strict)
         install_rules(stack, sites, config)
         yield sites
@@ -170,6 +186,7 @@ def audited_sites(
     config: GIMConfig,
     strict: bool,
     run: Callable[[], object] | None,
+    seeds: Sequence[nn.Module] = (),
 ) -> RuleSites:
     r"""
     ``sites`` with the gated MLPs the audit of ``model`` recognised by their
@@ -181,7 +198,7 @@ def audited_sites(
     """
     audit = cached_audit(model, sites)
     if audit is None and run is not None:
-        audit = run_audit(model, sites, run)
+        audit = run_audit(model, sites, run, seeds)
         store_audit(model, sites, audit)
     if audit is None:
         return sites

@@ -195,7 +195,8 @@ class LayerGIM(LayerGradientXActivation):
                 run = functools.partial(
                     self.forward_func, *inputs, *(additional_forward_args or ())
                 )
-                stack.enter_context(applied_rules(self.model, self.config, self.strict, run))
+                rules = applied_rules(self.model, self.config, self.strict, run, layers)
+                stack.enter_context(rules)
             layer_gradients, layer_evals = compute_layer_gradients_and_eval(
                 checked_forward(self.forward_func, target),
                 self.layer,

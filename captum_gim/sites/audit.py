@@ -191,6 +191,9 @@ class Audit:
     entries: list[AuditEntry] = field(default_factory=list)
     #: Modules recognised as gated MLPs by their data flow (name, module).
     traced_gated_mlps: list[tuple[str, nn.Module]] = field(default_factory=list)
+    #: Whether any operation depended on the input (else nothing was audited:
+    #: the inputs needed ``requires_grad`` or to pass through an ``nn.Embedding``).
+    inputs_seen: bool = True
 
     def refused(self, config: GIMConfig | None = None) -> list[AuditEntry]:
         r"""
@@ -314,6 +317,8 @@ class _AuditTrace(TorchFunctionMode):
         self.pending_gated: dict[int, _Call] = {}
         self.gated_calls: dict[str, _Call] = {}
         self.keep: list[Any] = []
+        #: How many operands computed from the input were seen.
+        self.dependent = 0
 
     # ------------------------------------------------------------------ dispatch
 
@@ -367,7 +372,9 @@ class _AuditTrace(TorchFunctionMode):
 
     def _depends(self, x: Any) -> bool:
         """True for a tensor computed from the input (not from parameters alone)."""
-        return depends_on_input(x, self.activation_memo)
+        found = depends_on_input(x, self.activation_memo)
+        self.dependent += found
+        return found
 
     def _here(self) -> tuple[_Call, ...]:
         return tuple(self.calls)
@@ -508,14 +515,15 @@ class _AuditTrace(TorchFunctionMode):
 
     def _product(self, operation: str, first: Tensor, second: Tensor, output: Tensor) -> None:
         calls = self.calls
-        outputs = [reach(x.grad_fn, self.attention_outputs, _NEAR) for x in (first, second)]
-        if any(found is not None for found in outputs):
-            self._exact(operation, "attention output gate")
-            return
         gated = self._gated_pattern(first, second)
         if gated and calls and output.grad_fn is not None:
             self.pending_gated[id(output.grad_fn)] = calls[-1]
             self.keep.append(output.grad_fn)
+            return
+        stop = self.projections.keys()
+        outputs = [reach(x.grad_fn, self.attention_outputs, _NEAR, stop) for x in (first, second)]
+        if any(found is not None for found in outputs):
+            self._exact(operation, "attention output gate")
             return
         gates = [reach(x.grad_fn, self.nonlinear, 2) is not None for x in (first, second)]
         self._exact(operation, "activation gate" if any(gates) else "product of two activations")
@@ -713,7 +721,9 @@ def _is_leaf_node(node: Any) -> bool:
     return type(node).__name__ == "AccumulateGrad"
 
 
-def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
+def run_audit(
+    model: nn.Module, sites: Any, run: Callable[[], object], seeds: Sequence[nn.Module] = ()
+) -> Audit:
     r"""
     Runs one forward pass of ``model`` (without the rules) and accounts for
     every softmax, normalization and product of two input-dependent tensors.
@@ -722,7 +732,12 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
         model (nn.Module): The model whose parts are audited.
         sites (RuleSites): Its rule sites.
         run (Callable): Runs the forward pass (e.g. the forward function on the
-                    first call's inputs); its result is discarded.
+                    first call's inputs); its result is discarded. Tensors that
+                    require grad, and the outputs of every ``nn.Embedding`` and
+                    of ``seeds``, count as the input.
+        seeds (Sequence[nn.Module], optional): Modules whose outputs are the
+                    attributed activations (LayerGIM's layers).
+                    Default: ()
 
     Returns:
         *Audit*: every operation found, and how GIM accounts for it.
@@ -745,11 +760,15 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
         if calls:
             calls.pop()
 
-    def embedding_output(_: nn.Module, __: Any, output: Tensor) -> Tensor | None:
-        if isinstance(output, Tensor) and output.is_floating_point():
-            # A clone, not the leaf itself: the model may write to it in place.
-            return output.detach().requires_grad_().clone()
-        return None
+    def input_output(_: nn.Module, __: Any, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) and output else output
+        if not isinstance(first, Tensor) or not first.is_floating_point():
+            return None
+        if depends_on_input(first):
+            return None
+        # A clone, not the leaf itself: the model may write to it in place.
+        first = first.detach().requires_grad_().clone()
+        return (first, *output[1:]) if isinstance(output, tuple) else first
 
     thread = threading.get_ident()
     trace = _AuditTrace(SiteCoverage(sites), calls)
@@ -761,8 +780,8 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
             handles.append(
                 module.register_forward_hook(_this_thread(thread, leave), always_call=True)
             )
-            if isinstance(module, nn.Embedding):
-                handles.append(module.register_forward_hook(embedding_output))
+            if isinstance(module, nn.Embedding) or any(module is seed for seed in seeds):
+                handles.append(module.register_forward_hook(input_output))
         # The random state is restored, so that dropout in the real call draws
         # the masks it would draw without the audit.
         cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
@@ -778,7 +797,7 @@ def run_audit(model: nn.Module, sites: Any, run: Callable[[], object]) -> Audit:
         for name in trace.gated_calls
         if ("" if name == "<model>" else name) in modules
     ]
-    return Audit(trace.entries, gated)
+    return Audit(trace.entries, gated, inputs_seen=trace.dependent > 0)
 
 
 def _this_thread(thread: int, hook: Callable[..., None]) -> Callable[..., None]:
@@ -812,9 +831,10 @@ def cached_audit(model: nn.Module, sites: Any) -> Audit | None:
 
 def store_audit(model: nn.Module, sites: Any, audit: Audit) -> None:
     r"""Keeps ``audit`` for ``model`` while ``sites`` are its cached rule sites
-    (not for a model that is itself one of its audited gated MLPs, which the
-    weak cache would keep alive)."""
-    if any(module is model for _, module in audit.traced_gated_mlps):
+    (not an audit that saw no input-dependent operation, and not for a model
+    that is itself one of its audited gated MLPs, which the weak cache would
+    keep alive)."""
+    if not audit.inputs_seen or any(module is model for _, module in audit.traced_gated_mlps):
         return
     with _lock:
         _audits[model] = (sites.problems, audit)
