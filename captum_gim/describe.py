@@ -144,8 +144,8 @@ def describe(
         >>> from captum_gim.models import load_model
         >>> model, tokenizer = load_model()
         >>> print(describe(model, tokenizer("the good movie ?", return_tensors="pt")))
-        Rule sites (10)
-          model.layers.0.input_layernorm  frozen norm  RMS, scale w, eps 1e-06
+        Rule sites (9)
+          model.layers.0.self_attn  rule 1 + q/k/v split  sdpa
           ...
     """
     if not isinstance(model, nn.Module):
