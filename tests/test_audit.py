@@ -477,3 +477,19 @@ def test_layer_gim_audits_from_its_layer_when_the_embedding_is_not_nn_embedding(
 
     with pytest.raises(UnsupportedModuleError, match=r"'2' \(HandRMS\) computes mul"):
         LayerGIM(forward, embed, model=model).attribute(torch.tensor([[1, 2, 3]]), target=0)
+
+
+def test_operations_of_the_forward_function_outside_the_model_are_kept_exact() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)).eval()
+
+    def forward(inputs: Tensor) -> Tensor:  # a normalization of the target, outside the model
+        hidden = model(inputs)
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.randn(2, 4)
+    reference = GIMAttribution(forward, model).attribute(x, target=0)
+    audit = run_audit(model, discover_sites(model), lambda: forward(x.requires_grad_()))
+    assert audit.refused() == []
+    assert ("<forward>", "outside the model") in {(e.module, e.kind) for e in audit.exact()}
+    assert torch.isfinite(reference).all()

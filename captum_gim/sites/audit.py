@@ -67,6 +67,10 @@ EXACT_KINDS: dict[str, str] = {
     "product of two activations": (
         "an elementwise product the rules do not name: kept exact by design"
     ),
+    "outside the model": (
+        "computed by the forward function outside the model (part of the target, e.g. a "
+        "pooling or a similarity): the rules act on the model's parts only"
+    ),
     "softmax outside attention": (
         "a softmax or log-softmax whose output multiplies no value tensor (a router, "
         "the target's log-probability): rule 1 acts on attention softmaxes only"
@@ -424,7 +428,9 @@ class _AuditTrace(TorchFunctionMode):
         self._mark(self.attention_outputs, first)
 
     def _attention(self, operation: str) -> None:
-        if self.coverage.covers(self.coverage.attentions, self.calls):
+        if not self.calls:
+            self._exact(operation, "outside the model")
+        elif self.coverage.covers(self.coverage.attentions, self.calls):
             self._entry(operation, "attention", "covered", "rule 1 and the q/k/v split")
         else:
             self._entry(
@@ -437,7 +443,9 @@ class _AuditTrace(TorchFunctionMode):
             )
 
     def _norm(self, operation: str) -> None:
-        if self.coverage.covers(self.coverage.norms, self.calls):
+        if not self.calls:
+            self._exact(operation, "outside the model")
+        elif self.coverage.covers(self.coverage.norms, self.calls):
             self._entry(operation, "norm", "covered", "frozen norm (rule 2)")
         else:
             self._entry(
@@ -561,7 +569,10 @@ class _AuditTrace(TorchFunctionMode):
         for _, calls in self.contractions.values():
             if calls and self.coverage.covers(self.coverage.attentions, calls):
                 continue
-            top = calls[-1] if calls else _OUTSIDE
+            if not calls:
+                self._exact("matmul", "outside the model")
+                continue
+            top = calls[-1]
             self.entries.append(
                 AuditEntry(
                     top.name,
