@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import InputXGradient
 from reference import ReferenceGap, reference_gradient
-from tiny_models import FAMILIES, FAMILY_BY_NAME, logits_of, sample_ids
+from tiny_models import FAMILIES, FAMILY_BY_NAME, assert_same, logits_of, sample_ids, snapshot
 from torch import Tensor, nn
 
 import captum_gim.sites.audit as audit_module
@@ -493,3 +493,25 @@ def test_operations_of_the_forward_function_outside_the_model_are_kept_exact() -
     assert audit.refused() == []
     assert ("<forward>", "outside the model") in {(e.module, e.kind) for e in audit.exact()}
     assert torch.isfinite(reference).all()
+
+
+def test_gim_rules_audits_the_first_call_of_any_captum_method() -> None:
+    from captum.attr import IntegratedGradients, Saliency
+
+    torch.manual_seed(1)
+    mlp = MyMLP()
+    model = _with(mlp)
+    before = snapshot(model)
+    x = torch.randn(3, 8)
+    with gim_rules(model):
+        saliency = Saliency(model).attribute(x.clone(), target=1, abs=False)
+    assert_same(before, snapshot(model))
+    expected = GIMAttribution(model, multiply_by_inputs=False).attribute(x, target=1)
+    torch.testing.assert_close(saliency, expected)
+
+    refused = nn.Sequential(nn.Linear(4, 4), HandRMS(), nn.Linear(4, 3)).eval()
+    before = snapshot(refused)
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(HandRMS\) computes mul"):
+        with gim_rules(refused):
+            IntegratedGradients(refused).attribute(torch.randn(2, 4), target=0, n_steps=4)
+    assert_same(before, snapshot(refused))
