@@ -253,7 +253,7 @@ def audited_sites(
         *RuleSites*: the sites to install.
     """
     audit = cached_audit(model, sites)
-    if audit is None and run is not None:
+    if (audit is None or not audit.inputs_seen) and run is not None:
         audit = run_audit(model, sites, run, seeds)
         store_audit(model, sites, audit)
     if audit is None:

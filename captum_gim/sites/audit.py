@@ -842,10 +842,9 @@ def cached_audit(model: nn.Module, sites: Any) -> Audit | None:
 
 def store_audit(model: nn.Module, sites: Any, audit: Audit) -> None:
     r"""Keeps ``audit`` for ``model`` while ``sites`` are its cached rule sites
-    (not an audit that saw no input-dependent operation, and not for a model
-    that is itself one of its audited gated MLPs, which the weak cache would
-    keep alive)."""
-    if not audit.inputs_seen or any(module is model for _, module in audit.traced_gated_mlps):
+    (not for a model that is itself one of its audited gated MLPs, which the
+    weak cache would keep alive)."""
+    if any(module is model for _, module in audit.traced_gated_mlps):
         return
     with _lock:
         _audits[model] = (sites.problems, audit)
