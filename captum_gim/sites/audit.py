@@ -337,8 +337,10 @@ class _AuditTrace(TorchFunctionMode):
         output = func(*args, **kwargs)
         try:
             self._record(func, args, kwargs, output)
-        except Exception:  # the audit never changes what the forward computes
-            pass
+        except Exception as error:  # never breaks the forward; never skipped silently
+            name = getattr(func, "__name__", str(func))
+            reason = f"the audit could not read this operation ({type(error).__name__}: {error})"
+            self._entry(name, "unreadable", "refused", reason)
         return output
 
     def _record(
