@@ -33,6 +33,7 @@ A part is refused only for a rule that is switched on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import weakref
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from captum_gim.config import GIMConfig
+from captum_gim.sites.attention import attention_implementation, route_attention
 from captum_gim.sites.discovery import Problem, rule_is_on
 from captum_gim.sites.traced_attention import _is_activation
 
@@ -785,6 +787,14 @@ def run_audit(
 
     thread = threading.get_ident()
     trace = _AuditTrace(SiteCoverage(sites), calls)
+    routed = contextlib.ExitStack()
+    # PyTorch's flex_attention has no backward on the CPU and refuses inputs that
+    # require grad: such sites run as under the rules (flex's own output as the
+    # forward value, the checked eager recomputation for the gradient, which the
+    # audit never takes).
+    for _, module in getattr(sites, "attentions", ()):
+        if attention_implementation(module) == "flex_attention":
+            routed.enter_context(route_attention(module, GIMConfig()))
     try:
         for name, module in model.named_modules():
             handles.append(
@@ -803,6 +813,7 @@ def run_audit(
     finally:
         for handle in handles:
             handle.remove()
+        routed.close()
     trace.finish()
     modules = dict(model.named_modules())
     gated = [
