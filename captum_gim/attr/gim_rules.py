@@ -180,8 +180,8 @@ def applied_rules(
         stack.enter_context(eager_calls(model, modules))
         sites = cached_rule_sites(model, named, strict=strict)
         report_problems(sites.problems, strict, config, stacklevel=5)
-        if not config.any_rule_on:
-            yield sites
+        if not config.any_rule_on or any(p.rule == "any" for p in sites.problems):
+            yield sites  # no rule on, or none reaches the model (reported above)
             return
         rules = stack.enter_context(contextlib.ExitStack())
         if (

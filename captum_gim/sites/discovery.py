@@ -84,8 +84,9 @@ class Problem:
     r"""A part of a model that one rule should reach but cannot."""
 
     #: The rule concerned: ``"norm"`` (rule 2), ``"attention"`` (rules 1 and 3
-    #: in attention and other token mixers) or ``"mlp"`` (the gated-MLP split).
-    #: A part is refused only while its rule is switched on.
+    #: in attention and other token mixers), ``"mlp"`` (the gated-MLP split) or
+    #: ``"any"`` (no rule reaches the model). A part is refused only while its
+    #: rule is switched on.
     rule: str
     message: str
 
@@ -195,7 +196,7 @@ def discover_sites(model: nn.Module, strict: bool = True) -> RuleSites:
     modules = list(model.named_modules())
     bridged = bridge_problem(modules)
     if bridged is not None:  # TransformerLens 4: no rule at all (sites/lens.py)
-        _report([bridged], strict)
+        add("any", bridged)  # refused whenever any rule is on
         return sites
     routed = {name for name, module in modules if _routes_attention(module)}
     covered = routed | {n for n, m in modules if isinstance(m, nn.MultiheadAttention)}
