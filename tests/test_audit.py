@@ -495,7 +495,7 @@ def test_operations_of_the_forward_function_outside_the_model_are_kept_exact() -
     assert torch.isfinite(reference).all()
 
 
-def test_gim_rules_audits_the_first_call_of_any_captum_method() -> None:
+def test_gim_rules_audits_its_example_inputs_for_any_captum_method() -> None:
     from captum.attr import IntegratedGradients, Saliency
 
     torch.manual_seed(1)
@@ -503,7 +503,7 @@ def test_gim_rules_audits_the_first_call_of_any_captum_method() -> None:
     model = _with(mlp)
     before = snapshot(model)
     x = torch.randn(3, 8)
-    with gim_rules(model):
+    with gim_rules(model, example_inputs=x):
         saliency = Saliency(model).attribute(x.clone(), target=1, abs=False)
     assert_same(before, snapshot(model))
     expected = GIMAttribution(model, multiply_by_inputs=False).attribute(x, target=1)
@@ -512,6 +512,6 @@ def test_gim_rules_audits_the_first_call_of_any_captum_method() -> None:
     refused = nn.Sequential(nn.Linear(4, 4), HandRMS(), nn.Linear(4, 3)).eval()
     before = snapshot(refused)
     with pytest.raises(UnsupportedModuleError, match=r"'1' \(HandRMS\) computes mul"):
-        with gim_rules(refused):
+        with gim_rules(refused, example_inputs=torch.randn(2, 4)):
             IntegratedGradients(refused).attribute(torch.randn(2, 4), target=0, n_steps=4)
     assert_same(before, snapshot(refused))

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from captum_gim.config import GIMConfig, GIMSettings
 from captum_gim.sites.audit import cached_audit, run_audit, store_audit
 from captum_gim.sites.backward_watch import watch_backward
-from captum_gim.sites.cache import cached_rule_sites, keeps_model_alive
+from captum_gim.sites.cache import cached_rule_sites
 from captum_gim.sites.checks import check_model
 from captum_gim.sites.compiled import eager_calls
 from captum_gim.sites.discovery import RuleSites, report_problems
@@ -62,10 +59,9 @@ def gim_rules(
     pass is also audited once per model (see :func:`captum_gim.describe`):
     every softmax, normalization and product of two input-dependent tensors
     must be covered by a rule, kept exact by design, or it is refused by name.
-    The audit runs on ``example_inputs`` when given, else on the first call of
-    ``model`` in the block (replayed once without the rules, before the call
-    itself runs); GIMAttribution, LayerGIM and LLMGIMAttribution audit on their
-    first call, with its inputs.
+    The audit runs on ``example_inputs`` when given (without them, a block uses
+    the audit made before for this model, if any); GIMAttribution, LayerGIM
+    and LLMGIMAttribution audit on their first call, with its inputs.
 
     A backward pass inside the block through a graph whose forward pass ran
     before it gets no rule; when the block sees such a backward reach the
@@ -92,8 +88,8 @@ def gim_rules(
         example_inputs (Any, optional): Inputs of ``model`` for the one-time
                     audit of its forward pass: a tensor, a tuple of positional
                     arguments, or a dict of keyword arguments (e.g. a
-                    tokenizer's output). None: the first call of ``model`` in
-                    the block is audited (unless an audit is cached).
+                    tokenizer's output). None: no audit in this block (one
+                    made before for this model is still applied).
                     Default: None
         **settings: Any of the seven settings of :class:`GIMConfig`
                     (``temperature``, ``freeze_norm``, ``q_scale``, ``k_scale``,
@@ -162,9 +158,8 @@ def applied_rules(
         config (GIMConfig): The settings.
         strict (bool): Raise for parts the rules cannot reach (else warn).
         run (Callable or None): Runs one forward pass through ``model`` on real
-                    inputs, for the audit; None: the first call of ``model``
-                    in the block is audited (replayed once without the rules),
-                    unless an audit is cached.
+                    inputs, for the audit; None: no audit now (one cached
+                    before is still applied).
         seeds (Sequence[nn.Module], optional): Modules whose outputs the audit
                     treats as the input (LayerGIM's layers).
                     Default: ()
@@ -183,57 +178,10 @@ def applied_rules(
         if not config.any_rule_on or any(p.rule == "any" for p in sites.problems):
             yield sites  # no rule on, or none reaches the model (reported above)
             return
-        rules = stack.enter_context(contextlib.ExitStack())
-        if (
-            run is None
-            and cached_audit(model, sites) is None
-            and not keeps_model_alive(model, sites)
-        ):
-            audit_first_call = _FirstCallAudit(model, sites, config, strict, rules)
-            hook = model.register_forward_pre_hook(audit_first_call, with_kwargs=True, prepend=True)
-            stack.callback(hook.remove)
-        else:
-            sites = audited_sites(model, sites, config, strict, run, seeds)
+        sites = audited_sites(model, sites, config, strict, run, seeds)
         watch_backward(stack, model, sites, strict)
-        install_rules(rules, sites, config)
+        install_rules(stack, sites, config)
         yield sites
-
-
-class _FirstCallAudit:
-    """Audits the first call of the model in a ``gim_rules`` block without example
-    inputs: the rules are taken off, the call is replayed once under the audit,
-    and the rules go back on (with the gated MLPs the audit recognised) before
-    the call itself runs. Not used for a model that is itself a rule site."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        sites: RuleSites,
-        config: GIMConfig,
-        strict: bool,
-        rules: contextlib.ExitStack,
-    ) -> None:
-        self.model, self.sites, self.config, self.strict = model, sites, config, strict
-        self.rules = rules
-        self.thread = threading.get_ident()
-        self.state = "waiting"
-
-    def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.state != "waiting" or threading.get_ident() != self.thread:
-            return
-        if not torch.is_grad_enabled():
-            return
-        self.state = "auditing"
-        self.rules.close()
-        sites = self.sites
-        try:
-            inputs = tuple(_as_input(value) for value in args)
-            named = {key: _as_input(value) for key, value in kwargs.items()}
-            replay = functools.partial(self.model, *inputs, **named)
-            sites = audited_sites(self.model, self.sites, self.config, self.strict, replay)
-        finally:
-            self.state = "done"
-            install_rules(self.rules, sites, self.config)
 
 
 def audited_sites(

@@ -33,7 +33,7 @@ _MESSAGE = (
 
 def watch_backward(
     stack: contextlib.ExitStack, model: nn.Module, sites: RuleSites, strict: bool
-) -> None:
+) -> set[int]:
     r"""
     Installs, for the block that ``stack`` closes, the check that every backward
     pass through ``model``'s parameters follows a forward pass inside the block.
@@ -43,10 +43,13 @@ def watch_backward(
         model (nn.Module): The model under the rules.
         sites (RuleSites): Its rule sites (their norms are watched first).
         strict (bool): Raise (True) or warn once (False).
+
+    Returns:
+        *set[int]*: the ids of the forward pre-hooks it registered.
     """
     watched = _watched_modules(model, sites)
     if not watched:
-        return
+        return set()
     state = {"forward": False, "warned": False}
 
     def forward_seen(*_: Any) -> None:
@@ -65,13 +68,17 @@ def watch_backward(
 
         return hook
 
+    hooks = set()
     for name, module in watched:
-        stack.callback(module.register_forward_pre_hook(forward_seen).remove)
+        handle = module.register_forward_pre_hook(forward_seen)
+        hooks.add(handle.id)
+        stack.callback(handle.remove)
         for parameter in module.parameters(recurse=False):
             if parameter.requires_grad:
                 label = f"'{name}' ({type(module).__name__})"
                 stack.callback(_restore_hooks, parameter, parameter._backward_hooks)
                 stack.callback(parameter.register_hook(gradient_hook(label)).remove)
+    return hooks
 
 
 def _restore_hooks(parameter: Tensor, before: Any) -> None:
