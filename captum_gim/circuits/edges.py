@@ -161,7 +161,9 @@ def edge_attribution_patching(
         neurons = None
     else:
         rules = (
-            gim_rules(model, config=config or GIMConfig())
+            gim_rules(
+                model, config=config or GIMConfig(), example_inputs=_audit_inputs(model, clean)
+            )
             if method == "gim"
             else contextlib.nullcontext()
         )
@@ -262,6 +264,13 @@ class Backend:
         from captum_gim.circuits.evaluation import _patched_chunk
 
         return _patched_chunk(self.model, self.sites, inputs, metric, source, cut)
+
+
+def _audit_inputs(model: nn.Module, clean: dict[str, Tensor]) -> Any:
+    r"""The clean prompts as the model's own call takes them, for the rules' one-time audit."""
+    from captum_gim.circuits.lens import is_lens
+
+    return (clean["input_ids"],) if is_lens(model) else dict(clean)
 
 
 def backend_of(model: nn.Module, input_ids: Tensor) -> Backend:

@@ -103,7 +103,11 @@ def position_scores(
     mean = clean.mean(1, keepdim=True)
     points = [0.0] if method != "ig" else [k / (steps - 1) for k in range(steps)]
     grad = torch.zeros_like(clean)
-    rules = gim_rules(model, config=config) if method == "gim" else contextlib.nullcontext()
+    rules = (
+        gim_rules(model, config=config, example_inputs=input_ids)
+        if method == "gim"
+        else contextlib.nullcontext()
+    )
     with rules, torch.enable_grad():
         for alpha in points:
             x = ((1 - alpha) * clean + alpha * mean).requires_grad_(True)
