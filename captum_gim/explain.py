@@ -23,7 +23,7 @@ from captum_gim.attr.llm import LLMGIMAttribution
 from captum_gim.attr.targets import TargetError, check_text_target
 from captum_gim.baselines import baseline_embeddings, resolve_baseline
 from captum_gim.config import GIMConfig
-from captum_gim.forwards import TASKS, label_index, task_forward
+from captum_gim.forwards import TASKS, input_device, label_index, task_forward
 from captum_gim.scores import SCORES, resolve_score
 from captum_gim.text import readable_tokens
 
@@ -190,7 +190,7 @@ def explain(
     extra = 0 if target_ids is None else len(target_ids) - 1
     _check_length(model, len(prompt_ids) + extra)
     baseline = resolve_baseline(tokenizer, baselines, task)
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt = torch.tensor([prompt_ids], device=device)
     config = GIMConfig() if config is None else config
     query = None if query_ids is None else torch.tensor([list(query_ids)], device=device)

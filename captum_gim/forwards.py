@@ -205,7 +205,7 @@ def similarity_forward(model: nn.Module, query_ids: Tensor) -> Callable[..., Ten
         >>> scores = GIMAttribution(forward, encoder).attribute(embeds).sum(-1)
     """
     query_ids = query_ids.reshape(1, -1)
-    device = next(model.parameters()).device
+    device = input_device(model)
     query = sentence_embedding(model, query_ids.to(device))
 
     def forward(inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -290,3 +290,14 @@ def label_index(model: nn.Module, target: int | str) -> int:
     if target.lower() not in by_name:
         raise ValueError(f"unknown label {target!r}; the labels are {labels}.")
     return by_name[target.lower()]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the inputs go: the device of the input embeddings; for a model dispatched
+    with ``device_map``, the device accelerate runs them on (also when their weights
+    are offloaded to the CPU or the disk)."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(embedding.parameters()).device

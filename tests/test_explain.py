@@ -184,3 +184,23 @@ def test_cli_similarity_shows_the_query_as_typed_and_refuses_a_score(
     assert json.loads(out.read_text())["target"] == QUERY
     assert main([*argv, "--score", "log-prob"]) == 2
     assert "--score log-prob is not used with --task similarity" in capsys.readouterr().err
+
+
+def test_explain_on_a_model_with_offloaded_embeddings_equals_the_undispatched_model(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from captum_gim.models import load_model, model_path
+
+    model, tokenizer = load_model()
+    ids = tokenizer("the movie was great ?").input_ids
+    layers = {f"model.layers.{i}": "cpu" for i in range(len(model.model.layers))}
+    device_map = {"model.embed_tokens": "disk", **layers, "model.norm": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        model_path(), device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert dispatched.model.embed_tokens.weight.device.type == "meta"
+    got = explain(dispatched, tokenizer, ids, "positive")
+    want = explain(model, tokenizer, ids, "positive")
+    torch.testing.assert_close(got.token_scores, want.token_scores, atol=1e-6, rtol=1e-5)

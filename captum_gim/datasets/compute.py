@@ -37,6 +37,7 @@ from captum_gim.datasets.reading import Row
 from captum_gim.explain import Explanation, _check_length, _check_target_ids
 from captum_gim.forwards import (
     classifier_forward,
+    input_device,
     label_index,
     logits_forward,
     mean_pool,
@@ -167,17 +168,6 @@ def explain_batch(
     if task == "generate":
         return _generate(model, tokenizer, batch, score, config, baseline)
     return _pooled(model, tokenizer, batch, task, score, config, baseline)
-
-
-def input_device(model: PreTrainedModel) -> torch.device:
-    """Where the inputs go: the device of the input embeddings; for a model dispatched
-    with ``device_map``, the device accelerate runs them on (also when their weights
-    are offloaded to the CPU or the disk)."""
-    embedding = model.get_input_embeddings()
-    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
-    if device is not None:
-        return torch.device(device)
-    return next(embedding.parameters()).device
 
 
 def pad_right(

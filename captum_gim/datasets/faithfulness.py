@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from captum_gim import metrics
-from captum_gim.datasets.compute import Explained, input_device
-from captum_gim.forwards import classifier_forward, similarity_forward
+from captum_gim.datasets.compute import Explained
+from captum_gim.forwards import classifier_forward, input_device, similarity_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
