@@ -3,6 +3,8 @@ every product or softmax kept exact by design, every refused part."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tiny_models import FAMILY_BY_NAME, sample_ids, snapshot
@@ -128,3 +130,26 @@ def test_inspect_prints_the_bundled_model(capsys: pytest.CaptureFixture[str]) ->
 def test_inspect_names_a_missing_directory(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "--model", "/no/such/dir"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_transformer_lens_model_lists_its_norms_attention_and_gated_mlps() -> None:
+    lens = pytest.importorskip("transformer_lens", reason="TransformerLens is not installed")
+    torch.manual_seed(0)
+    config = lens.HookedTransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, d_head=8, d_vocab=64, n_ctx=32, act_fn="silu",
+        normalization_type="RMS", gated_mlp=True, positional_embedding_type="rotary",
+        n_key_value_heads=2,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TL 3.9 deprecates HookedTransformer
+        model = lens.HookedTransformer(config).eval()
+    description = describe(model, torch.arange(6)[None])
+    rules = {(r.module, r.rule) for r in description.records if r.category == "rule site"}
+    for layer in range(2):
+        assert (f"blocks.{layer}.ln1", "frozen norm") in rules
+        assert (f"blocks.{layer}.ln2", "frozen norm") in rules
+        assert (f"blocks.{layer}.attn", "rule 1 + q/k/v split") in rules
+        assert (f"blocks.{layer}.mlp", "gate/up split") in rules
+    assert ("ln_final", "frozen norm") in rules
+    assert not [r for r in description.records if r.category == "refused"]
+    assert "RMS, scale w, eps 1e-05" in description.table()
