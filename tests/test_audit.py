@@ -515,3 +515,47 @@ def test_gim_rules_audits_its_example_inputs_for_any_captum_method() -> None:
         with gim_rules(refused, example_inputs=torch.randn(2, 4)):
             IntegratedGradients(refused).attribute(torch.randn(2, 4), target=0, n_steps=4)
     assert_same(before, snapshot(refused))
+
+
+class _GatedNorm(nn.Module):
+    """A norm followed by a gate computed from its output (AXK2's GatedRMSNorm):
+    ``y * sigmoid(W y)`` with ``y = RMSNorm(x)``."""
+
+    def __init__(self, width: int) -> None:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        super().__init__()
+        self.norm = LlamaRMSNorm(width, eps=1e-6)  # x * rsqrt(mean(x^2) + eps), in torch ops
+        self.gate = nn.Linear(width, width)
+        self.reference = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reference:  # the frozen norm written by formula
+            rho = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            y = x / rho.detach() * self.norm.weight
+        else:
+            y = self.norm(x)
+        return y * torch.sigmoid(self.gate(y))
+
+
+def test_a_gate_on_a_frozen_norms_output_is_exact_not_an_unknown_norm() -> None:
+    """Regression (axk2): the norm's statistic is the covered norm's; the gate after
+    it is listed as kept exact, and GIM freezes the inner norm only."""
+    gated = _GatedNorm(8)
+    with torch.no_grad():
+        gated.norm.weight.add_(0.3 * torch.randn(8))
+    model = _with(gated)
+    x = torch.randn(2, 8)
+    audit = run_audit(model, discover_sites(model), lambda: model(x.clone().requires_grad_()))
+    assert audit.refused() == []
+    assert ("1", "activation gate") in {(e.module, e.kind) for e in audit.exact()}
+    config = GIMConfig(freeze_norm=True)
+    got = GIMAttribution(model, config=config, multiply_by_inputs=False).attribute(x, target=0)
+    gated.reference = True
+    x_ref = x.clone().requires_grad_()
+    want = torch.autograd.grad(model(x_ref)[:, 0].sum(), x_ref)[0]
+    gated.reference = False
+    torch.testing.assert_close(got, want)
+    x_plain = x.clone().requires_grad_()
+    plain = torch.autograd.grad(model(x_plain)[:, 0].sum(), x_plain)[0]
+    assert float((got - plain).norm()) > 1e-4

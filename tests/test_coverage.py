@@ -6,12 +6,15 @@ weights, std 0.2, norm weights perturbed away from 1), under eager and sdpa.
 A case passes when GIM either
 
 - applies every rule it finds, with the forward bitwise unchanged, each rule
-  changing the attribution, and the attribution with all rules equal to the
+  changing the attribution, the attribution with all rules equal to the
   independent reference of ``tests/reference.py`` (where the reference knows
-  every part of the model), or
-- refuses with an ``UnsupportedModuleError`` that names the module; with
-  ``strict=False`` the same model then runs with a warning that names every
-  skipped part, and its forward stays bitwise unchanged.
+  every part of the model), and the audit of its forward pass
+  (:func:`captum_gim.describe`) accounting for every softmax, normalization and
+  product (none refused, the ones kept exact by design recorded by kind), or
+- refuses with an ``UnsupportedModuleError`` that names the module (found from
+  the model's structure or by the audit); with ``strict=False`` the same model
+  then runs with a warning that names every skipped part, and its forward stays
+  bitwise unchanged.
 
 ``python tests/test_coverage.py --write-docs`` writes the table in docs/coverage.md.
 """
@@ -35,8 +38,9 @@ import transformers
 from reference import ReferenceGap, reference_gradient
 from torch import nn
 
-from captum_gim import GIMConfig, UnsupportedModuleError, gim_rules
+from captum_gim import GIMConfig, ModelDescription, UnsupportedModuleError, describe, gim_rules
 from captum_gim.sites import RuleSites, find_rule_sites
+from captum_gim.sites.audit import EXACT_KINDS
 
 OFF = GIMConfig.all_rules_off()
 ALL = GIMConfig()
@@ -451,13 +455,28 @@ def outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
     embeds = embeds.clone()  # CTRL and GIT scale the input embeddings in place
     if model.config.model_type in READS_TOKEN_IDS:
         return _outputs_from_ids(model, embeds)
-    if kind == "causal":
-        return model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+    logits = model(**model_inputs(model, kind, embeds)).logits
+    return logits if kind == "encoder" else logits[:, -1]
+
+
+def model_inputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> dict[str, object]:
+    """The keyword arguments of the model's forward for ``embeds`` (the token ids
+    for the families that read them: their embeddings count as the input)."""
+    if model.config.model_type in READS_TOKEN_IDS:
+        return {"input_ids": token_ids(model, embeds.shape[1]), "use_cache": False}
     if kind == "encoder":
-        return model(inputs_embeds=embeds).logits
+        return {"inputs_embeds": embeds}
+    if kind == "causal":
+        return {"inputs_embeds": embeds, "use_cache": False}
     start = getattr(model.config, "decoder_start_token_id", None) or 0
     decoder_ids = torch.tensor([[start, 5, 7]])
-    return model(inputs_embeds=embeds, decoder_input_ids=decoder_ids, use_cache=False).logits[:, -1]
+    return {"inputs_embeds": embeds, "decoder_input_ids": decoder_ids, "use_cache": False}
+
+
+def audit_inputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> dict[str, object]:
+    """``example_inputs`` for the audit: the embeddings as a tensor that requires grad
+    and that the model may scale in place (not a leaf)."""
+    return model_inputs(model, kind, embeds.detach().requires_grad_().clone())
 
 
 def _outputs_from_ids(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
@@ -487,6 +506,9 @@ class Result:
     reference: str = ""
     #: What strict=False does with a refused model ("" where not refused).
     lenient: str = ""
+    #: The kinds of products and softmaxes the audit found kept exact by design,
+    #: each with its number of (module, operation) entries ("" where none).
+    exact: str = ""
 
 
 def run_case(family: Family, implementation: str) -> Result:
@@ -515,10 +537,15 @@ def run_case(family: Family, implementation: str) -> Result:
         return Result(
             "unbuildable", f"its gradient fails: {type(error).__name__}: {_first_line(error)}"
         )
+    # The audit of one forward pass (cached for the model, so the gim_rules blocks
+    # below apply it: what it refuses raises there, by name).
+    description = describe(model, audit_inputs(model, family.kind, embeds))
+    assert description.inputs_seen, "the audit saw no operation depending on the inputs"
+    exact = _exact_kinds(description)
     try:
         sites = find_rule_sites(model)
         x = embeds.clone().requires_grad_()
-        with gim_rules(model):
+        with gim_rules(model, example_inputs=audit_inputs(model, family.kind, embeds)):
             got = outputs(model, family.kind, x)
         assert torch.equal(got.detach(), expected), "forward changed under gim_rules"
         attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
@@ -538,11 +565,19 @@ def run_case(family: Family, implementation: str) -> Result:
     except UnsupportedModuleError as error:
         assert "'" in str(error), f"refusal does not name a module: {error}"
         lenient = _check_lenient(model, family.kind, embeds, expected, str(error))
-        return Result("refused", _problems(str(error)), lenient=lenient)
+        return Result("refused", _problems(str(error)), lenient=lenient, exact=exact)
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         raise AssertionError(f"fails under the rules: {_named(error)}") from error
+    unaccounted = [f"{r.module}: {r.rule} ({r.form})" for r in description.refused]
+    assert not unaccounted, f"every rule, but the audit refuses {unaccounted}"
     reference = _check_reference(model, family.kind, embeds, attribution)
-    return Result("every rule", ", ".join(applied), reference=reference)
+    return Result("every rule", ", ".join(applied), reference=reference, exact=exact)
+
+
+def _exact_kinds(description: ModelDescription) -> str:
+    """The kinds kept exact by design, with how many (module, operation) entries each."""
+    count = Counter(record.rule for record in description.exact)
+    return ", ".join(f"{kind} ({n})" for kind, n in sorted(count.items()))
 
 
 def _plain_outputs(model: nn.Module, kind: str, embeds: torch.Tensor) -> torch.Tensor:
@@ -588,10 +623,11 @@ def _check_lenient(
     and the rules still applied elsewhere."""
     names = re.findall(r"'([^']+)' \(", refusal)
     x = embeds.clone().requires_grad_()
+    audited = audit_inputs(model, kind, embeds)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with gim_rules(model, strict=False):
+            with gim_rules(model, strict=False, example_inputs=audited):
                 got = outputs(model, kind, x)
                 attribution = torch.autograd.grad(got[:, TARGET].sum(), x)[0]
     except UnsupportedModuleError as error:
@@ -679,6 +715,12 @@ REFUSAL_REASONS = {
     "convolutional token mixer": "state-space or convolutional token mixer",
     "runs attention implementation": "unsupported attention implementation",
     "frozen-norm rule's recomputation": "norm check failed on the call",
+    # found by the audit of the forward pass (captum_gim/sites/audit.py)
+    "outside every norm the rules recognise": "normalization outside every norm site (audit)",
+    "not softmax attention": "product of two activations that is not softmax attention (audit)",
+    "outside every attention rule site": "softmax attention outside every attention site (audit)",
+    "by its data flow": "gated MLP found by data flow, its product missing on the call",
+    "the audit could not read": "operation the audit cannot read",
 }
 BUILD_REASONS = {
     "parameters after shrinking": "over 5M parameters after shrinking",
@@ -737,8 +779,8 @@ def _md(text: str) -> str:
 
 def _section(title: str, families: list[Family]) -> tuple[list[str], dict[str, Result]]:
     rows = [
-        "| family | eager | sdpa | reference | strict=False |",
-        "|---|---|---|---|---|",
+        "| family | eager | sdpa | reference | strict=False | kept exact by design (audit) |",
+        "|---|---|---|---|---|---|",
     ]
     chosen = {}
     for family in families:
@@ -748,9 +790,8 @@ def _section(title: str, families: list[Family]) -> tuple[list[str], dict[str, R
         cells = [_cell(results[i]) for i in IMPLEMENTATIONS]
         reference = " / ".join(dict.fromkeys(r.reference for r in results.values() if r.reference))
         lenient = " / ".join(dict.fromkeys(_lenient_cell(r) for r in results.values() if r.lenient))
-        rows.append(
-            f"| {family.name} | " + " | ".join(map(_md, [*cells, reference, lenient])) + " |"
-        )
+        cells += [reference, lenient, result.exact]
+        rows.append(f"| {family.name} | " + " | ".join(map(_md, cells)) + " |")
         print(family.name, result.status, flush=True)
     return [f"## {title}", "", *rows, ""], chosen
 
@@ -783,8 +824,22 @@ def _totals(results: dict[str, Result]) -> list[str]:
         f"- refused, with strict=False: forward bitwise unchanged and a warning naming every "
         f"skipped part: {unchanged} of {len(lenient)}; still refused on the call: "
         f"{len(lenient) - unchanged}",
+        "- kept exact by design (the audit), families with each kind: "
+        + (
+            ", ".join(f"{kind} {n}" for kind, n in _exact_families(results).most_common()) or "none"
+        ),
     ]
     return lines
+
+
+def _exact_families(results: dict[str, Result]) -> Counter[str]:
+    """How many families (every rule or refused) have each kind kept exact by design."""
+    return Counter(
+        re.sub(r" \(\d+\)$", "", kind)
+        for r in results.values()
+        if r.exact
+        for kind in r.exact.split(", ")
+    )
 
 
 def _details(results: dict[str, Result]) -> list[str]:
@@ -820,6 +875,21 @@ def write_docs(path: Path) -> None:
         "reference of `tests/reference.py` (where it knows every part), and a refused model "
         "runs with `strict=False` with its forward unchanged and a warning that names the "
         "skipped parts. A family's status is its eager one (sdpa's where only sdpa builds).",
+        "",
+        f"The tables are for transformers {transformers.__version__}, the installed release: "
+        "families, their defaults and their forward code change between releases, so "
+        "regenerate them for another one.",
+        "",
+        "Every case also has its forward pass audited (`captum_gim.describe(model, inputs)`, "
+        "the audit GIMAttribution runs on its first call): every softmax, normalization and "
+        "product of two input-dependent tensors is covered by a rule site, kept exact by "
+        "design, or refused by name. A family marked *every rule* has no refused or "
+        "unaccounted operation; the column *kept exact by design* lists, for the family's "
+        "status case, the kinds of products and softmaxes the method leaves exact "
+        '(GIM_SPEC.md, "Products and softmaxes the rules do not name"), with the number '
+        "of (module, operation) entries of each:",
+        "",
+        *(f"- *{kind}*: {why}" for kind, why in EXACT_KINDS.items()),
         "",
         "## Causal-LM families: totals",
         "",
@@ -907,12 +977,17 @@ def test_gemma4_moe_kv_sharing_and_per_layer_inputs_equal_the_reference() -> Non
     assert result.status == "every rule" and result.reference.startswith("equal"), result
 
 
-def test_gemma3n_activation_sparse_gate_is_refused_and_exact_without_it() -> None:
-    """Gemma 3n's first layers keep the top 5 % of the gate (a product GIM does not
-    split); without that sparsity every rule applies and equals the reference."""
-    assert run_case(Family("gemma3n_text", "gemma3n_text"), "eager").status == "refused"
+def test_gemma3n_is_refused_by_name_with_and_without_its_sparse_gate() -> None:
+    """Gemma 3n's first layers keep the top 5 % of the gate (a cutoff from the gate's
+    mean and std, which GIM does not split); without that sparsity, AltUp's magnitude
+    matching (x * rms(x0) / rms(x), a normalization outside every norm site, which
+    rule 2 would not freeze) is refused by the audit, and strict=False still runs."""
+    sparse = run_case(Family("gemma3n_text", "gemma3n_text"), "eager")
+    assert sparse.status == "refused" and "(Gemma3nTextMLP)" in sparse.detail, sparse
     dense = _with_settings("gemma3n_text", activation_sparsity_pattern=[0.0] * 4)
-    assert dense.status == "every rule" and dense.reference.startswith("equal"), dense
+    assert dense.status == "refused", dense
+    assert "'model' (Gemma3nTextModel) computes div: a normalization" in dense.detail, dense
+    assert dense.lenient.startswith("forward unchanged"), dense
 
 
 def _gradient_plain(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:

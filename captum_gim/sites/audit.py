@@ -405,6 +405,13 @@ class _AuditTrace(TorchFunctionMode):
         """True when ``calls`` ran inside the current innermost module call."""
         return not self.calls or self.calls[-1] in calls
 
+    def _in_finished_norm(self, calls: tuple[_Call, ...]) -> bool:
+        """True when ``calls`` ran inside a frozen-norm site's call that has returned:
+        its statistic belongs to that (covered) norm, and a later product of the
+        norm's output (a gate on it, e.g. ``norm(x) * sigmoid(W norm(x))``) is not a
+        normalization."""
+        return any(c.name in self.coverage.norms and c not in self.calls for c in calls)
+
     # ------------------------------------------------------------------ events
 
     def _softmax(
@@ -504,7 +511,11 @@ class _AuditTrace(TorchFunctionMode):
         if not (self._depends(first) and self._depends(second)):
             return
         operation = "div" if func in _DIVIDE else "mul"
-        statistics = {k for k, calls in self.statistics.items() if self._within_call(calls)}
+        statistics = {
+            k
+            for k, calls in self.statistics.items()
+            if self._within_call(calls) and not self._in_finished_norm(calls)
+        }
         stop = self.projections.keys()
         near_statistic = reach(second.grad_fn, statistics, _NEAR, stop) is not None
         if func in _MULTIPLY:
