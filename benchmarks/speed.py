@@ -441,10 +441,10 @@ def audit_cost_rows(repeats: int = 5) -> list[dict]:
     import warnings
 
     from captum_gim import GIMAttribution
-    from captum_gim.sites import norms
-    from captum_gim.sites.audit import clear_audits, run_audit
+    from captum_gim.sites.audit.forward import clear_audits, run_audit
     from captum_gim.sites.cache import clear_site_cache
     from captum_gim.sites.discovery import discover_sites
+    from captum_gim.sites.norms import recognition as norms
 
     rows = []
     for which in ("bundled", "all-MiniLM-L6-v2"):

@@ -9,11 +9,11 @@ from torch import nn
 
 from captum_gim.attr.gim_rules import model_runner
 from captum_gim.config import GIMConfig
-from captum_gim.sites.attention import attention_implementation
-from captum_gim.sites.audit import Audit, run_audit, store_audit
+from captum_gim.sites.attention.routed import attention_implementation
+from captum_gim.sites.audit.forward import Audit, run_audit, store_audit
 from captum_gim.sites.cache import cached_rule_sites
 from captum_gim.sites.discovery import GatedLayout, GatedMLPSite, NormSite, RuleSites, rule_is_on
-from captum_gim.sites.norms import NormForm
+from captum_gim.sites.norms.recognition import NormForm
 
 #: The three kinds of record, in the order the table lists them.
 CATEGORIES = ("rule site", "exact by design", "refused")

@@ -8,7 +8,7 @@ from torch import nn
 
 from captum_gim.rules import blockwise_attention_backward, sdpa_attention_backward
 from captum_gim.rules.attention import query_rows_per_block
-from captum_gim.sites.attention import eager_gim_attention, gim_attention_forward
+from captum_gim.sites.attention.routed import eager_gim_attention, gim_attention_forward
 
 
 def _reference_grads(query, key, value, mask, grad_output, scaling, temperature):

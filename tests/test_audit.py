@@ -16,7 +16,7 @@ from reference import ReferenceGap, reference_gradient
 from tiny_models import FAMILIES, FAMILY_BY_NAME, assert_same, logits_of, sample_ids, snapshot
 from torch import Tensor, nn
 
-import captum_gim.sites.audit as audit_module
+import captum_gim.sites.audit.forward as audit_module
 from captum_gim import (
     GIMAttribution,
     GIMConfig,
@@ -25,7 +25,7 @@ from captum_gim import (
     gim_rules,
     register_gated_mlp,
 )
-from captum_gim.sites.audit import run_audit
+from captum_gim.sites.audit.forward import run_audit
 from captum_gim.sites.discovery import discover_sites
 
 OFF = GIMConfig.all_rules_off()

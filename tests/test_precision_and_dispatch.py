@@ -26,7 +26,7 @@ from tiny_models import FAMILY_BY_NAME, logits_of, sample_ids
 from torch import Tensor, nn
 
 from captum_gim import GIMAttribution, GIMConfig, gim_rules
-from captum_gim.sites.attention import GIM_ATTENTION
+from captum_gim.sites.attention.routed import GIM_ATTENTION
 from captum_gim.sites.discovery import find_rule_sites
 
 TARGET = 5

@@ -17,7 +17,7 @@ from captum.attr import Saliency
 from tiny_models import FAMILY_BY_NAME, VOCAB, logits_of
 from torch import nn
 
-import captum_gim.sites.attention as attention
+import captum_gim.sites.attention.routed as attention
 import captum_gim.sites.exclusive as exclusive
 from captum_gim import GIMAttribution, LayerGIM, gim_rules
 

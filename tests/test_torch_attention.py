@@ -13,7 +13,7 @@ from captum.attr import InputXGradient, LLMGradientAttribution, TextTokenInput
 from torch import Tensor, nn
 
 from captum_gim import GIMAttribution, GIMConfig, LayerGIM, UnsupportedModuleError, gim_rules
-from captum_gim.sites.torch_attention import multi_head_attention
+from captum_gim.sites.attention.multihead import multi_head_attention
 
 OFF = GIMConfig.all_rules_off()
 RULES = GIMConfig(temperature=2.0, freeze_norm=True, q_scale=0.25, k_scale=0.25, v_scale=0.5)

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from captum_gim.config import GIMConfig, GIMSettings
-from captum_gim.sites.audit import cached_audit, run_audit, store_audit
-from captum_gim.sites.backward_watch import watch_backward
+from captum_gim.sites.audit.backward import watch_backward
+from captum_gim.sites.audit.forward import cached_audit, run_audit, store_audit
 from captum_gim.sites.cache import cached_rule_sites
 from captum_gim.sites.checks import check_model
 from captum_gim.sites.compiled import eager_calls

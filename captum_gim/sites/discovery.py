@@ -2,11 +2,11 @@
 
 The rule mathematics lives in :mod:`captum_gim.rules`; this module only
 recognises the places, by what they compute and how they are built rather than
-by class name: norms are probed (:mod:`~captum_gim.sites.norms`), gated MLPs
-are recognised by their parts (:mod:`~captum_gim.sites.gated_mlp`), every
+by class name: norms are probed (:mod:`~captum_gim.sites.norms.recognition`), gated MLPs
+are recognised by their parts (:mod:`~captum_gim.sites.gated_mlp.recognition`), every
 attention module that calls transformers' AttentionInterface is routed
 generically, and the innermost other modules named attention are traced op by
-op during the call (:mod:`~captum_gim.sites.traced_attention`). Anything
+op during the call (:mod:`~captum_gim.sites.attention.traced`). Anything
 that looks like one of these places but is not recognised is reported by :func:`find_rule_sites`.
 """
 
@@ -23,17 +23,17 @@ from typing import Any
 from torch import nn
 
 from captum_gim.config import GIMConfig
-from captum_gim.sites.attention import SUPPORTED_IMPLEMENTATIONS, attention_implementation
+from captum_gim.sites.adapters.lens import bridge_problem, lens_gated_structure, lens_norm_form
+from captum_gim.sites.attention.routed import SUPPORTED_IMPLEMENTATIONS, attention_implementation
 from captum_gim.sites.errors import UnsupportedModuleError
-from captum_gim.sites.gated_mlp import (
+from captum_gim.sites.gated_mlp.recognition import (
     GatedStructure,
     gated_structure,
     has_own_gate_function,
     looks_like_gated_mlp,
     parameter_projections_reason,
 )
-from captum_gim.sites.lens import bridge_problem, lens_gated_structure, lens_norm_form
-from captum_gim.sites.norms import NormForm, is_norm_candidate, norm_form
+from captum_gim.sites.norms.recognition import NormForm, is_norm_candidate, norm_form
 from captum_gim.sites.registry import registered_gated_mlp, registered_norm
 
 
@@ -136,19 +136,19 @@ class RuleSites:
     norms: list[NormSite] = field(default_factory=list)
     attentions: list[tuple[str, nn.Module]] = field(default_factory=list)
     gated_mlps: list[GatedMLPSite] = field(default_factory=list)
-    #: PyTorch's own nn.MultiheadAttention modules (sites/torch_attention.py).
+    #: PyTorch's own nn.MultiheadAttention modules (sites/attention/multihead.py).
     torch_attentions: list[tuple[str, nn.MultiheadAttention]] = field(default_factory=list)
     #: nn.TransformerEncoder modules, whose nested-tensor fast path is switched off.
     torch_encoders: list[nn.TransformerEncoder] = field(default_factory=list)
     #: Attention modules that compute attention with torch ops, outside
-    #: transformers' AttentionInterface (sites/traced_attention.py).
+    #: transformers' AttentionInterface (sites/attention/traced.py).
     traced_attentions: list[tuple[str, nn.Module]] = field(default_factory=list)
     #: Whether a traced attention that is not recognised raises (or warns).
     strict: bool = True
     #: The parts the rules cannot reach, each with the rule it concerns.
     problems: list[Problem] = field(default_factory=list)
     #: Modules recognised as gated MLPs by the audit's data flow
-    #: (sites/traced_gated_mlp.py).
+    #: (sites/gated_mlp/traced.py).
     traced_gated_mlps: list[tuple[str, nn.Module]] = field(default_factory=list)
 
 
@@ -195,7 +195,7 @@ def discover_sites(model: nn.Module, strict: bool = True) -> RuleSites:
 
     modules = list(model.named_modules())
     bridged = bridge_problem(modules)
-    if bridged is not None:  # TransformerLens 4: no rule at all (sites/lens.py)
+    if bridged is not None:  # TransformerLens 4: no rule at all (sites/adapters/lens.py)
         add("any", bridged)  # refused whenever any rule is on
         return sites
     routed = {name for name, module in modules if _routes_attention(module)}

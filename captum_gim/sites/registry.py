@@ -21,8 +21,8 @@ from types import TracebackType
 
 from torch import Tensor, nn
 
-from captum_gim.sites.gated_mlp import GatedStructure
-from captum_gim.sites.norms import NormForm
+from captum_gim.sites.gated_mlp.recognition import GatedStructure
+from captum_gim.sites.norms.recognition import NormForm
 
 _SCALES = ("w", "1+w", "none")
 

@@ -1,12 +1,12 @@
 """The gated-MLP split on modules recognised as gated MLPs by their data flow.
 
-The audit (:mod:`~captum_gim.sites.audit`) recognises a gated MLP from what
+The audit (:mod:`~captum_gim.sites.audit.forward`) recognises a gated MLP from what
 it computes, ``down(act(a(x)) * b(x))``, whatever its parts are called and also
 when its projections are parameters used directly (``x @ W_gate``). For one
 attribution, each such module gets a thread-local
 :class:`~torch.overrides.TorchFunctionMode`, entered by a forward pre-hook and
 left by a forward hook that always runs (as in
-:mod:`~captum_gim.sites.traced_attention`). Inside, every elementwise product
+:mod:`~captum_gim.sites.attention.traced`). Inside, every elementwise product
 of two activations is checked again, on every call, to read as
 ``act(a(x)) * b(x)``: two different projections of one input, one through an
 activation. Its factors then get the gate and up scales, which equals scaling
@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from captum_gim.config import GIMConfig
 from captum_gim.rules import scale_gradient
-from captum_gim.sites.audit import (
+from captum_gim.sites.audit.forward import (
     _MULTIPLY,
     _NONLINEAR,
     depends_on_input,

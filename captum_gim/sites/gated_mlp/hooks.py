@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from captum_gim.config import GIMConfig
 from captum_gim.rules import Lazy, lazy_scale_gradient, scale_gradient
 from captum_gim.sites.discovery import GatedLayout, GatedMLPSite, UnsupportedModuleError
-from captum_gim.sites.gated_mlp import verify_gate_function, verify_product
+from captum_gim.sites.gated_mlp.recognition import verify_gate_function, verify_product
 
 _FIX = "Pass gate_scale=up_scale=1.0 to keep the exact gradients of gated MLPs."
 

@@ -8,7 +8,7 @@ user's hooks):
 - its norms (``LayerNorm``, ``LayerNormPre``, ``RMSNorm``, ``RMSNormPre``) keep
   their scale and bias as parameters ``w`` and ``b`` and have ``hook_scale`` /
   ``hook_normalized`` children, so they are not leaf modules. They are probed
-  like any norm (:func:`~captum_gim.sites.norms.norm_form`) on a view that
+  like any norm (:func:`~captum_gim.sites.norms.recognition.norm_form`) on a view that
   names their parameters ``weight`` / ``bias`` and replaces the hook points by
   identities, so the probe runs none of the user's hooks;
 - its gated MLPs multiply parameters directly (``x @ W_gate``, ``x @ W_in``)
@@ -20,7 +20,7 @@ user's hooks):
   ``hook_post`` is checked to be ``act(gate) * up`` (plus ``GatedMLP``'s
   ``b_in``), so a module that computes something else is refused;
 - its attention modules compute ``softmax(q k^T) v`` with torch ops and are
-  read by :mod:`~captum_gim.sites.traced_attention`, needing nothing here.
+  read by :mod:`~captum_gim.sites.attention.traced`, needing nothing here.
 
 TransformerLens's ``TransformerBridge`` (3.x and 4.x) replaces the modules of the Hugging
 Face model it boots, in place, by bridge components that compute attention and
@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_gim.sites.gated_mlp import ClampedSwiGLU, GatedStructure
-from captum_gim.sites.norms import NormForm, norm_form
+from captum_gim.sites.gated_mlp.recognition import ClampedSwiGLU, GatedStructure
+from captum_gim.sites.norms.recognition import NormForm, norm_form
 
 #: (gate, up) hook points of TransformerLens's gated MLPs, in the order tried.
 GATED_HOOKS = (("hook_pre", "hook_pre_linear"), ("hook_gate", "hook_pre"))
@@ -140,7 +140,7 @@ def _is_lens_norm(module: nn.Module, hook_point: type[nn.Module]) -> bool:
 
 
 class _NormView(nn.Module):
-    """A TransformerLens norm as :func:`~captum_gim.sites.norms.norm_form` probes
+    """A TransformerLens norm as :func:`~captum_gim.sites.norms.recognition.norm_form` probes
     norms: parameters ``weight`` / ``bias`` (shapes only), the norm's settings,
     and a forward that runs the norm's own forward with identities for its hook
     points, on whatever parameters the view holds (the probe's random ones), in

@@ -4,7 +4,7 @@ The rule sites of :mod:`~captum_gim.sites.discovery` are found from how a
 model is built. The audit checks them against what the model computes: one
 forward pass, run once per model on the first call's real inputs (without the
 rules), under a thread-local :class:`~torch.overrides.TorchFunctionMode` (the
-machinery of :mod:`~captum_gim.sites.traced_attention`) and a module stack
+machinery of :mod:`~captum_gim.sites.attention.traced`) and a module stack
 kept by hooks that are removed when it ends. It accounts for:
 
 - every ``softmax`` / ``log_softmax`` and attention function
@@ -21,7 +21,7 @@ kept by hooks that are removed when it ends. It accounts for:
   ``p v`` inside an attention site, ``act(gate) * up`` inside a gated-MLP site,
   or a gated MLP recognised here by its data flow (``down(act(a(x)) * b(x))``,
   whatever its parts are called, also ``x @ W_gate``), which then gets the
-  split (:mod:`~captum_gim.sites.traced_gated_mlp`); the products GIM keeps
+  split (:mod:`~captum_gim.sites.gated_mlp.traced`); the products GIM keeps
   exact by design (GIM_SPEC.md, "Products and softmaxes the rules do not name")
   are listed with their kind (:data:`EXACT_KINDS`); a matrix product of two
   activations that is not softmax attention (linear attention) is refused.
@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from captum_gim.config import GIMConfig
-from captum_gim.sites.attention import attention_implementation, route_attention
+from captum_gim.sites.attention.routed import attention_implementation, route_attention
+from captum_gim.sites.attention.traced import _is_activation
 from captum_gim.sites.discovery import Problem, rule_is_on
-from captum_gim.sites.traced_attention import _is_activation
 
 F = nn.functional
 
