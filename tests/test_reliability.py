@@ -21,6 +21,7 @@ from torch import nn
 import captum_gim.rules.norms as norms
 import captum_gim.sites.exclusive as exclusive
 import captum_gim.sites.install as install
+import captum_gim.sites.norms.hooks as norm_hooks
 from captum_gim import GIMAttribution, GIMConfig, LayerGIM, gim_rules
 
 
@@ -84,8 +85,8 @@ def _fault_interrupt_in_module_backward_hook(model, embeds, monkeypatch):
 
 
 def _fault_rule_fails_in_forward(model, embeds, monkeypatch):
-    monkeypatch.setattr(install, "frozen_rms_norm", _raise(_Boom("rms rule failed")))
-    monkeypatch.setattr(install, "frozen_layer_norm", _raise(_Boom("layer-norm rule failed")))
+    monkeypatch.setattr(norm_hooks, "frozen_rms_norm", _raise(_Boom("rms rule failed")))
+    monkeypatch.setattr(norm_hooks, "frozen_layer_norm", _raise(_Boom("layer-norm rule failed")))
     return lambda: _gim(model, embeds), _Boom, None
 
 
