@@ -17,6 +17,19 @@ from captum_gim.sites.norms.recognition import call_eps
 
 
 def freeze_norm_hook(site: NormSite, strict: bool = True) -> Callable[..., Tensor | None]:
+    r"""
+    The forward hook of the frozen-norm rule on one norm site.
+
+    Args:
+        site (NormSite): The norm and its probed form.
+        strict (bool, optional): When the recomputation differs from the
+            module's output, raise :class:`UnsupportedModuleError` (True) or
+            warn and keep the module's exact gradient for that call (False).
+            Default: True
+
+    Returns:
+        *Callable*: a hook for ``site.module.register_forward_hook``.
+    """
     module = site.module
     label = f"'{site.name}' ({type(module).__name__})"
 
