@@ -40,7 +40,7 @@ from torch import nn
 
 from captum_gim import GIMConfig, ModelDescription, UnsupportedModuleError, describe, gim_rules
 from captum_gim.sites import RuleSites, find_rule_sites
-from captum_gim.sites.audit import EXACT_KINDS
+from captum_gim.sites.audit.forward import EXACT_KINDS
 
 OFF = GIMConfig.all_rules_off()
 ALL = GIMConfig()
@@ -715,7 +715,7 @@ REFUSAL_REASONS = {
     "convolutional token mixer": "state-space or convolutional token mixer",
     "runs attention implementation": "unsupported attention implementation",
     "frozen-norm rule's recomputation": "norm check failed on the call",
-    # found by the audit of the forward pass (captum_gim/sites/audit.py)
+    # found by the audit of the forward pass (captum_gim/sites/audit/forward.py)
     "outside every norm the rules recognise": "normalization outside every norm site (audit)",
     "not softmax attention": "product of two activations that is not softmax attention (audit)",
     "outside every attention rule site": "softmax attention outside every attention site (audit)",
