@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from captum_gim.rules import (
     tempered_softmax_backward,
 )
 from captum_gim.sites.errors import UnsupportedModuleError
+from captum_gim.sites.tracing import trace_each_call
 
 F = nn.functional
 # Each product's row and column operands: (position, keyword).
@@ -438,33 +438,13 @@ def install_traced_attention(
         strict (bool): Raise for a forward whose attention is not recognised;
                     with ``False`` warn and keep its exact gradients.
     """
-    thread = threading.get_ident()
-    open_traces: list[_AttentionTrace] = []
 
-    def enter(_: nn.Module, __: tuple[Any, ...]) -> None:
-        if threading.get_ident() != thread or not torch.is_grad_enabled():
-            return
-        trace = _AttentionTrace(config)
-        trace.__enter__()
-        open_traces.append(trace)
-
-    def leave(_: nn.Module, __: tuple[Any, ...], output: Any) -> None:
-        if threading.get_ident() != thread or not open_traces:
-            return
-        trace = open_traces.pop()
-        trace.__exit__(None, None, None)
+    def settle(trace: _AttentionTrace, output: Any) -> None:
         problems = trace.settle()
         if problems and output is not None:  # None: the forward raised
             _report(name, module, problems, strict)
 
-    stack.callback(_close, open_traces)
-    stack.callback(module.register_forward_pre_hook(enter).remove)
-    stack.callback(module.register_forward_hook(leave, always_call=True).remove)
-
-
-def _close(open_traces: list[_AttentionTrace]) -> None:
-    while open_traces:
-        open_traces.pop().__exit__(None, None, None)
+    trace_each_call(stack, module, lambda: _AttentionTrace(config), settle)
 
 
 def _report(name: str, module: nn.Module, problems: list[str], strict: bool) -> None:

@@ -25,7 +25,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -39,6 +38,7 @@ from captum_gim.sites.audit.forward import (
     projection_input,
 )
 from captum_gim.sites.errors import UnsupportedModuleError
+from captum_gim.sites.tracing import trace_each_call
 
 _IN_PLACE = {Tensor.mul_, Tensor.__imul__}
 
@@ -120,23 +120,13 @@ def install_traced_gated_mlp(
                     Default: ()
     """
     thread = threading.get_ident()
-    open_traces: list[_GatedTrace] = []
 
-    def enter(_: nn.Module, __: tuple[Any, ...]) -> None:
-        if threading.get_ident() != thread or not torch.is_grad_enabled():
-            return
-        trace = _GatedTrace(config)
-        trace.__enter__()
-        open_traces.append(trace)
-
-    def leave(_: nn.Module, __: tuple[Any, ...], output: Any) -> None:
-        if threading.get_ident() != thread or not open_traces:
-            return
-        trace = open_traces.pop()
-        trace.__exit__(None, None, None)
+    def settle(trace: _GatedTrace, output: Any) -> None:
         used = isinstance(output, Tensor) and output.requires_grad
         if trace.split == 0 and used:
             _refuse(name, module, strict)
+
+    open_traces = trace_each_call(stack, module, lambda: _GatedTrace(config), settle)
 
     def nested_enter(*_: Any) -> None:
         if open_traces and threading.get_ident() == thread:
@@ -146,17 +136,9 @@ def install_traced_gated_mlp(
         if open_traces and threading.get_ident() == thread and open_traces[-1].nested:
             open_traces[-1].nested -= 1
 
-    stack.callback(_close, open_traces)
-    stack.callback(module.register_forward_pre_hook(enter).remove)
-    stack.callback(module.register_forward_hook(leave, always_call=True).remove)
     for inner in nested:
         stack.callback(inner.register_forward_pre_hook(nested_enter).remove)
         stack.callback(inner.register_forward_hook(nested_leave, always_call=True).remove)
-
-
-def _close(open_traces: list[_GatedTrace]) -> None:
-    while open_traces:
-        open_traces.pop().__exit__(None, None, None)
 
 
 def _refuse(name: str, module: nn.Module, strict: bool) -> None:
