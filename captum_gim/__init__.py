@@ -37,7 +37,7 @@ from captum_gim.datasets import attribute_dataset, load_results
 if "inseq" in sys.modules:  # inseq is imported: register "gim" as its attribution method
     import captum_gim.integrations.inseq  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ComparisonResult",
