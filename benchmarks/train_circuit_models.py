@@ -33,12 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from tokenizers.processors import TemplateProcessing
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from word_models import two_layer_llama, word_tokenizer
 
 from captum_gim.models.circuit_tasks import NAMES, SPECIALS, names_prompts, vocabulary
 
@@ -50,40 +47,12 @@ MODELS = Path(__file__).resolve().parents[1] / "captum_gim" / "models"
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     r"""Whitespace word-level tokenizer that prepends ``<bos>`` and pads on the left."""
-    ids = vocabulary()
-    tok = Tokenizer(WordLevel(vocab=ids, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.post_processor = TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", ids["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_max_length=64,
-    )
+    return word_tokenizer(vocabulary())
 
 
 def build_model(seed: int) -> LlamaForCausalLM:
     r"""A freshly initialised two-layer Llama (seeded)."""
-    ids = vocabulary()
-    config = LlamaConfig(
-        vocab_size=len(ids),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<bos>"],
-        pad_token_id=ids["<pad>"],
-        eos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return two_layer_llama(vocabulary(), seed, HEADS)
 
 
 def _ablation_hooks(model: LlamaForCausalLM, store: dict[str, Tensor], record: bool) -> list[Any]:

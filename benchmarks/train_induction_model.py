@@ -21,11 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
-from tokenizers.processors import TemplateProcessing
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from word_models import two_layer_llama, word_tokenizer
 
 SEED = 0
 SYMBOLS = 32
@@ -52,40 +49,12 @@ def sample(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     r"""Whitespace word-level tokenizer that prepends ``<bos>`` and pads on the left."""
-    ids = vocab()
-    tok = Tokenizer(WordLevel(vocab=ids, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.post_processor = TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", ids["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_max_length=64,
-    )
+    return word_tokenizer(vocab())
 
 
 def build_model() -> LlamaForCausalLM:
     r"""A freshly initialised two-layer Llama (seeded)."""
-    ids = vocab()
-    config = LlamaConfig(
-        vocab_size=len(ids),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=ids["<bos>"],
-        pad_token_id=ids["<pad>"],
-        eos_token_id=None,
-    )
-    torch.manual_seed(SEED)
-    return LlamaForCausalLM(config)
+    return two_layer_llama(vocab(), SEED)
 
 
 def accuracy(model: LlamaForCausalLM, n: int = 1000, seed: int = 1_000_000) -> float:
