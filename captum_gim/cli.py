@@ -61,7 +61,7 @@ from captum_gim.forwards import TASKS, detect_task
 from captum_gim.inspect_cli import add_inspect_parser, run_inspect
 from captum_gim.scores import SCORES
 from captum_gim.sites.discovery import UnsupportedModuleError
-from captum_gim.text import format_table, format_value
+from captum_gim.text import encode_text, format_table, format_value
 
 # isort: split
 from captum_gim.datasets import command as dataset_command  # after the names it imports
@@ -432,11 +432,10 @@ def _check_task_arguments(args: argparse.Namespace, task: str, architectures: li
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, what: str) -> list[int]:
-    with quiet_transformers():  # the length is checked against the model's own limit
-        ids = list(tokenizer(text)["input_ids"])
-        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
-            raise UserError(f"{what} {text!r} has no tokens; give some text")
-    return ids
+    try:
+        return encode_text(tokenizer, text, what)
+    except ValueError as error:
+        raise UserError(str(error)) from error
 
 
 def _encode_target(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -19,9 +19,12 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
+from captum_gim._quiet import quiet_transformers
+
 __all__ = [
     "cell_width",
     "display_token",
+    "encode_text",
     "format_table",
     "format_value",
     "readable_tokens",
@@ -33,6 +36,25 @@ __all__ = [
 _MARKERS = {"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _VISIBLE_WHITESPACE = {" ": "␣", "\t": "⇥", "\n": "⏎", "\r": "⏎"}
+
+
+def encode_text(tokenizer: Any, text: str, what: str) -> list[int]:
+    r"""
+    The token ids of ``text`` as the model reads it (special tokens included).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text (str): The text.
+        what (str): How to name the text in the error, e.g. ``"--prompt"``.
+
+    Raises:
+        ValueError: With one line, when ``text`` has no tokens of its own.
+    """
+    with quiet_transformers():  # the length is checked against the model's own limit
+        ids = list(tokenizer(text)["input_ids"])
+        if not tokenizer(text, add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"{what} {text!r} has no tokens; give some text")
+    return ids
 
 
 def readable_tokens(tokenizer: Any, ids: Sequence[int]) -> list[str]:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from captum_gim.attr.layer_gim import LayerGIM
 from captum_gim.attr.llm import LLMGIMAttribution
+from captum_gim.attr.targets import TargetError, check_text_target
 from captum_gim.baselines import TokenBaseline, baseline_embeddings
 from captum_gim.config import GIMConfig
 from captum_gim.datasets.reading import Row
@@ -43,7 +44,7 @@ from captum_gim.forwards import (
     mean_pool,
     sentence_embedding,
 )
-from captum_gim.text import readable_tokens
+from captum_gim.text import encode_text, readable_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,32 +105,30 @@ def encode(
                     tokenizer does not know, an unknown label, a missing query, or a
                     prompt longer than the model reads.
     """
-    from captum_gim import cli
-
     if row.prompt is None:
         raise ValueError("the row has no prompt; fill in its prompt column")
-    try:
-        prompt_ids = cli._encode(tokenizer, row.prompt, "the prompt")
-        target: list[int] | int | None = None
-        query_ids = None
-        if task == "generate" and row.target is not None:
-            if isinstance(row.target, list):
-                target = [int(t) for t in row.target]
-                _check_target_ids(tokenizer, target)
-            else:
-                target = cli._encode_target(tokenizer, str(row.target))
-        elif task == "classify" and row.target is not None:
-            target = label_index(model, row.target)
-        elif task == "similarity":
-            if row.target is not None:
-                raise ValueError(
-                    "a similarity has no target; put the text to compare in the query column"
-                )
-            if row.query is None:
-                raise ValueError("the row has no query; fill in its query column")
-            query_ids = cli._encode(tokenizer, row.query, "the query")
-    except cli.UserError as error:
-        raise ValueError(str(error)) from error
+    prompt_ids = encode_text(tokenizer, row.prompt, "the prompt")
+    target: list[int] | int | None = None
+    query_ids = None
+    if task == "generate" and row.target is not None:
+        if isinstance(row.target, list):
+            target = [int(t) for t in row.target]
+            _check_target_ids(tokenizer, target)
+        else:
+            try:
+                target = check_text_target(tokenizer, str(row.target))
+            except TargetError as error:  # one line, as the command line prints it
+                raise ValueError(str(error).rstrip(".")) from error
+    elif task == "classify" and row.target is not None:
+        target = label_index(model, row.target)
+    elif task == "similarity":
+        if row.target is not None:
+            raise ValueError(
+                "a similarity has no target; put the text to compare in the query column"
+            )
+        if row.query is None:
+            raise ValueError("the row has no query; fill in its query column")
+        query_ids = encode_text(tokenizer, row.query, "the query")
     encoded = Encoded(row, prompt_ids, target, query_ids)
     # a missing continuation is one predicted token: as long as the prompt
     _check_length(model, encoded.length)
